@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: creates/reuses .venv, installs torch==2.13.0 first
+# (the CPU build; any other spec pulls a multi-GB CUDA build), then the project and its
+# extras, then the Debian data packages. Usage: scripts/setup.sh demo|test [args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what="${1:-test}"; shift || true
+
+need_apt=()
+for pkg in fortunes fortunes-min; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "setup: installing Debian packages: ${need_apt[*]}"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv with $PY"
+    "$PY" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+[ -d /opt/wheels ] && PIP+=(--find-links /opt/wheels)
+stamp=".venv/.unipeft-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    "${PIP[@]}" torch==2.13.0
+    "${PIP[@]}" -e ".[test]"
+    touch "$stamp"
+fi
+
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+case "$what" in
+    demo) exec .venv/bin/unipeft demo "$@" ;;
+    test) exec .venv/bin/python -m pytest -q -n 2 --dist loadfile "$@" ;;
+    *) echo "usage: scripts/setup.sh demo|test [args...]" >&2; exit 2 ;;
+esac

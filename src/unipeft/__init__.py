@@ -1,0 +1,11 @@
+"""unipeft: parameter-efficient adaptation of frozen pretrained models behind one abstraction."""
+from .core import (AdaptedModel, AdapterConfig, AdapterLoadError, Capabilities, ConfigError, Delta, MergeError,
+                   TargetError, UnipeftError, adapt, capability_table, get_method, public_methods, register,
+                   trainable_report)
+from .methods import BitFitConfig, IA3Config, LNTuningConfig, LoraConfig
+
+__version__ = "0.1.0"
+
+__all__ = ["AdaptedModel", "AdapterConfig", "AdapterLoadError", "BitFitConfig", "Capabilities", "ConfigError",
+           "Delta", "IA3Config", "LNTuningConfig", "LoraConfig", "MergeError", "TargetError", "UnipeftError",
+           "adapt", "capability_table", "get_method", "public_methods", "register", "trainable_report"]

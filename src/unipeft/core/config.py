@@ -1,0 +1,145 @@
+"""AdapterConfig: the fields every method shares, and its JSON (PEFT-compatible) round trip."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .errors import ConfigError
+
+CONFIG_NAME = "adapter_config.json"
+
+# PEFT keys that carry no behaviour for us; accepted and dropped silently.
+_INERT_PEFT_KEYS = {"revision", "auto_mapping", "peft_version", "megatron_config", "megatron_core"}
+
+
+def _is_default_like(value: Any) -> bool:
+    return value is None or value is False or value in ("", "none") or value == {} or value == []
+
+
+@dataclass
+class AdapterConfig:
+    """Base of every method's config: where the method sits, plus the bookkeeping PEFT stores.
+
+    Subclasses set `method` (registry name), `peft_type` (the on-disk type string),
+    `peft_names` (our field -> PEFT key) and `unsupported_peft_fields` (PEFT keys whose
+    non-default value we cannot honour: loading such a config is an error, not a silent drop).
+    """
+
+    method: ClassVar[str] = ""
+    peft_type: ClassVar[str] = ""
+    peft_names: ClassVar[dict[str, str]] = {}
+    unsupported_peft_fields: ClassVar[tuple[str, ...]] = ()
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    base_model_name_or_path: str | None = None
+    task_type: str | None = None
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        self.validate()
+
+    def validate(self) -> None:
+        """Check field values; subclasses extend this and raise ConfigError naming the field."""
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, list)):
+                raise ConfigError(f"{type(self).__name__}.{name}: expected a list of names or a regex string, "
+                                  f"got {type(value).__name__}")
+        if self.layers_to_transform is not None and not all(
+                isinstance(i, int) and i >= 0 for i in self.layers_to_transform):
+            raise ConfigError(f"{type(self).__name__}.layers_to_transform: expected non-negative integers, "
+                              f"got {self.layers_to_transform!r}")
+
+    # ---- dict / JSON ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Serialise with PEFT's key names and `peft_type`, so PEFT can read the file."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[self.peft_names.get(f.name, f.name)] = self._value_to_peft(f.name, value)
+        out["peft_type"] = self.peft_type
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+        """Build the config of `data['peft_type']` (or of `cls`); unknown keys are warned and dropped."""
+        data = dict(data)
+        peft_type = data.pop("peft_type", None)
+        target = cls
+        if peft_type is not None and peft_type != cls.peft_type:
+            from .registry import method_for_peft_type
+            target = method_for_peft_type(peft_type).config_cls
+        return target._from_peft_dict(data)
+
+    @classmethod
+    def _from_peft_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+        reverse = {v: k for k, v in cls.peft_names.items()}
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            name = reverse.get(key, key)
+            if name in known:
+                kwargs[name] = cls._value_from_peft(name, value)
+            elif key in cls.unsupported_peft_fields and not _is_default_like(value):
+                raise ConfigError(
+                    f"{cls.__name__}: field '{key}'={value!r} is not supported by unipeft; "
+                    f"supported fields: {sorted(cls.peft_names.get(k, k) for k in known)}")
+            elif key not in _INERT_PEFT_KEYS and not _is_default_like(value):
+                warnings.warn(f"{cls.__name__}: unknown config key '{key}' ignored", stacklevel=3)
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"{cls.__name__}: {exc}") from None
+
+    @classmethod
+    def _value_to_peft(cls, name: str, value: Any) -> Any:
+        """Convert one field to its PEFT JSON value (override for renamed enums)."""
+        return value
+
+    @classmethod
+    def _value_from_peft(cls, name: str, value: Any) -> Any:
+        """Inverse of `_value_to_peft`."""
+        return value
+
+    def save(self, directory: str | Path) -> Path:
+        """Write adapter_config.json into `directory`."""
+        path = Path(directory) / CONFIG_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @staticmethod
+    def load(directory: str | Path) -> "AdapterConfig":
+        """Read adapter_config.json from `directory` (any registered method)."""
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict) or "peft_type" not in data:
+            raise ConfigError(f"{path}: expected a JSON object with a 'peft_type' key")
+        return AdapterConfig.from_dict(data)
+
+    def replace(self, **changes: Any) -> "AdapterConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def list_field(default: list | None = None):
+    """A dataclass field defaulting to a fresh copy of `default`."""
+    return field(default_factory=lambda: list(default or []))

@@ -1,0 +1,252 @@
+"""AdaptedModel: injects sites into a base model and manages adapters by name."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+from .errors import ConfigError, MergeError
+from .registry import get_method, method_for_config
+from .site import BASE_NAME, AdaptedSite, ForwardContext, Grouping
+from .targets import logical_modules, name_matches, select_targets
+
+SAVE_METHOD = "modules_to_save"
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+class AdaptedModel(nn.Module):
+    """A frozen base model with named adapters injected at sites."""
+
+    def __init__(self, base_model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.base_model = base_model
+        self.peft_config: dict[str, AdapterConfig] = {}
+        object.__setattr__(self, "_ctx", ForwardContext())
+        # Remember the base's requires_grad flags so unload() gives the model back as it came.
+        self._base_requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+        try:
+            self.add_adapter(adapter_name, config)
+        except Exception:
+            self._restore_base_flags()
+            raise
+        self.set_adapter(adapter_name)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ---- sites ------------------------------------------------------------------------
+    def sites(self) -> Iterator[AdaptedSite]:
+        """Every site in the model."""
+        return (m for m in self.base_model.modules() if isinstance(m, AdaptedSite))
+
+    def _site_map(self) -> dict[str, AdaptedSite]:
+        return {s.path: s for s in self.sites()}
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """Names of the adapters applied in forward, in order."""
+        return list(self._ctx.active)
+
+    @property
+    def active_adapter(self) -> str:
+        """The first active adapter (PEFT's single-adapter view)."""
+        return self._ctx.active[0] if self._ctx.active else ""
+
+    # ---- adapters -----------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
+        """Create adapter `adapter_name` from `config`; on any error the model is unchanged."""
+        if not isinstance(config, AdapterConfig):
+            raise ConfigError(f"expected an AdapterConfig (e.g. up.LoraConfig), got {type(config).__name__}")
+        if not adapter_name or "." in adapter_name or adapter_name == BASE_NAME:
+            raise ConfigError(f"adapter name {adapter_name!r} is invalid: use a non-empty name without '.' "
+                              f"other than {BASE_NAME!r}")
+        if adapter_name in self.peft_config:
+            raise ConfigError(f"adapter '{adapter_name}' already exists; delete_adapter() it first")
+        spec = method_for_config(config)
+        new_deltas: list[tuple[str, nn.Module, nn.Module]] = []
+        for path, module in select_targets(self.base_model, config, spec.capabilities.layer_types,
+                                           spec.default_targets):
+            new_deltas.append((path, module, spec.delta_cls.create(module, config, path)))
+        if config.modules_to_save:
+            saver = get_method(SAVE_METHOD)
+            found = [(p, m) for p, m in logical_modules(self.base_model) if name_matches(p, config.modules_to_save)]
+            if not found:
+                raise ConfigError(f"modules_to_save={config.modules_to_save!r} matched no module")
+            found = [(p, m) for p, m in found if not any(p.startswith(q + ".") for q, _ in found)]
+            new_deltas += [(p, m, saver.delta_cls.create(m, config, p)) for p, m in found]
+        # All deltas were built without error: only now touch the model.
+        sites = self._site_map()
+        for path, module, delta in new_deltas:
+            site = sites.get(path)
+            if site is None:
+                site = AdaptedSite(module, path, self._ctx)
+                _set_submodule(self.base_model, path, site)
+                sites[path] = site
+            delta.requires_grad_(False)
+            site.deltas[adapter_name] = delta
+        self.peft_config[adapter_name] = config
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Make these adapters active (applied in this order) and the only trainable parameters."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for n in names:
+            self._check_name(n)
+        self._ctx.active[:] = names
+        for site in self.sites():
+            for n, delta in site.deltas.items():
+                delta.requires_grad_(n in names and not self.peft_config[n].inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter everywhere; sites left without deltas give back their base module."""
+        self._check_name(adapter_name)
+        for site in list(self.sites()):
+            if adapter_name in site.merged:
+                raise MergeError(f"adapter '{adapter_name}' is merged; unmerge() before deleting it")
+        for site in list(self.sites()):
+            if adapter_name in site.deltas:
+                del site.deltas[adapter_name]
+            if not site.deltas:
+                _set_submodule(self.base_model, site.path, site.base_layer)
+        del self.peft_config[adapter_name]
+        if adapter_name in self._ctx.active:
+            self._ctx.active.remove(adapter_name)
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.peft_config:
+            raise ConfigError(f"no adapter named '{name}'; adapters: {sorted(self.peft_config)}")
+
+    @contextlib.contextmanager
+    def disable_adapters(self):
+        """Context in which the model behaves exactly as the base (merged adapters are undone)."""
+        merged = {s.path: list(s.merged) for s in self.sites() if s.merged}
+        self.unmerge()
+        self._ctx.disabled = True
+        try:
+            yield self
+        finally:
+            self._ctx.disabled = False
+            sites = self._site_map()
+            for path, names in merged.items():
+                for n in names:
+                    sites[path].merge(n)
+
+    # ---- merge ----------------------------------------------------------------------------
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Add the adapters' deltas into the base weights (default: the active adapters)."""
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        for n in names:
+            self._check_name(n)
+            spec = method_for_config(self.peft_config[n])
+            if not spec.capabilities.mergeable:
+                raise MergeError(f"adapter '{n}' uses {spec.name}, which cannot be merged into the weights")
+        sites = list(self.sites())
+        if safe_merge:  # check everything before writing anything
+            for site in sites:
+                for n in names:
+                    if n in site.deltas and n not in site.merged:
+                        _, new = site.merged_params(n)
+                        bad = [k for k, t in new.items() if not torch.isfinite(t).all()]
+                        if bad:
+                            raise MergeError(f"merging adapter '{n}' into '{site.path}' gives non-finite "
+                                             f"values in {bad}; the base weights were left unchanged")
+        for site in sites:
+            for n in names:
+                site.merge(n)
+
+    def unmerge(self) -> None:
+        """Undo every merge."""
+        for site in self.sites():
+            site.unmerge()
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        """Adapters merged into at least one site."""
+        return sorted({n for s in self.sites() for n in s.merged})
+
+    def merge_and_unload(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> nn.Module:
+        """Merge the adapters and return the plain base model with no adapter modules left."""
+        self.merge(adapter_names, safe_merge)
+        return self._strip_sites()
+
+    def unload(self) -> nn.Module:
+        """Undo merges and return the plain base model, as it was before adaptation."""
+        self.unmerge()
+        return self._strip_sites()
+
+    def _strip_sites(self) -> nn.Module:
+        for site in list(self.sites()):
+            _set_submodule(self.base_model, site.path, site.base_layer)
+        self.peft_config.clear()
+        self._ctx.active.clear()
+        self._restore_base_flags()
+        return self.base_model
+
+    def _restore_base_flags(self) -> None:
+        for n, p in self.base_model.named_parameters():
+            p.requires_grad_(self._base_requires_grad.get(n, p.requires_grad))
+
+    # ---- forward ---------------------------------------------------------------------------
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """Run the base model with the active adapters, or one adapter per row (`adapter_names`)."""
+        if adapter_names is None:
+            return self.base_model(*args, **kwargs)
+        self._ctx.grouping = self._grouping(adapter_names)
+        try:
+            return self.base_model(*args, **kwargs)
+        finally:
+            self._ctx.grouping = None
+
+    def _grouping(self, adapter_names: list[str]) -> Grouping:
+        if self.merged_adapters:
+            raise MergeError("adapter_names cannot be used while adapters are merged; unmerge() first")
+        for n in set(adapter_names):
+            if n == BASE_NAME:
+                continue
+            self._check_name(n)
+            spec = method_for_config(self.peft_config[n])
+            if not spec.capabilities.mixed_batch:
+                raise ConfigError(f"adapter '{n}' uses {spec.name}, which does not support mixed batches")
+        return Grouping.build(list(adapter_names))
+
+    # ---- persistence (see state.py) ---------------------------------------------------------
+    def save_pretrained(self, save_directory: str | Path, adapter_names: list[str] | None = None) -> None:
+        """Write each adapter in PEFT's format ('default' at the top, others in sub-folders)."""
+        from .state import save_adapters
+        save_adapters(self, save_directory, adapter_names)
+
+    def load_adapter(self, directory: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
+        """Add an adapter read from `directory`; a failed load leaves the model unchanged."""
+        from .state import load_adapter
+        load_adapter(self, directory, adapter_name, is_trainable)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, directory: str | Path, adapter_name: str = "default",
+                        is_trainable: bool = False) -> "AdaptedModel":
+        """Adapt `base_model` with the adapter saved in `directory`; the base is untouched on failure."""
+        from .state import from_pretrained
+        return from_pretrained(cls, base_model, directory, adapter_name, is_trainable)
+
+    def adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+        """The adapter's tensors under their on-disk (PEFT) names."""
+        from .state import adapter_state_dict
+        return adapter_state_dict(self, adapter_name)
+
+
+def adapt(base_model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> AdaptedModel:
+    """Inject `config`'s method into `base_model` (in place) and return the AdaptedModel."""
+    return AdaptedModel(base_model, config, adapter_name)

@@ -1,0 +1,96 @@
+"""The method registry: name -> (config class, delta class, declared capabilities)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method supports, declared once at registration; tests and docs read this table."""
+
+    mergeable: bool
+    mixed_batch: bool
+    layer_types: tuple[type, ...]
+    quantized_base: bool = False
+    peft_compatible: bool = False  # PEFT itself has this method and reads our files
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method."""
+
+    name: str
+    config_cls: type
+    delta_cls: type
+    capabilities: Capabilities
+    # predicate(path, module) for the modules used when config.target_modules is None
+    default_targets: Callable[[str, nn.Module], bool] | None = None
+    internal: bool = field(default=False)  # building block (e.g. modules_to_save), not user-facing
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register(name: str, config_cls: type, capabilities: Capabilities,
+             default_targets: Callable[[str, nn.Module], bool] | None = None,
+             internal: bool = False):
+    """Class decorator binding a Delta class to `name`, its config class and its capabilities."""
+
+    def decorate(delta_cls: type) -> type:
+        if name in _METHODS and _METHODS[name].delta_cls is not delta_cls:
+            raise ValueError(f"method '{name}' is already registered")
+        config_cls.method = name
+        _METHODS[name] = MethodSpec(name, config_cls, delta_cls, capabilities, default_targets, internal)
+        return delta_cls
+
+    return decorate
+
+
+def _ensure_builtin_methods() -> None:
+    import unipeft.methods  # noqa: F401  (registers the built-in methods on import)
+
+
+def get_method(name: str) -> MethodSpec:
+    """The spec registered under `name`; ConfigError listing the known names otherwise."""
+    _ensure_builtin_methods()
+    if name not in _METHODS:
+        raise ConfigError(f"unknown method '{name}'; known methods: {sorted(public_methods())}")
+    return _METHODS[name]
+
+
+def method_for_config(config) -> MethodSpec:
+    """The spec of a config instance."""
+    return get_method(type(config).method)
+
+
+def method_for_peft_type(peft_type: str) -> MethodSpec:
+    """The spec whose config declares `peft_type` (PEFT's on-disk type string)."""
+    _ensure_builtin_methods()
+    for spec in _METHODS.values():
+        if spec.config_cls.peft_type == peft_type:
+            return spec
+    known = sorted(s.config_cls.peft_type for s in _METHODS.values() if not s.internal)
+    raise ConfigError(f"unknown peft_type '{peft_type}'; supported: {known}")
+
+
+def public_methods() -> dict[str, MethodSpec]:
+    """All user-facing registered methods, by name."""
+    _ensure_builtin_methods()
+    return {n: s for n, s in _METHODS.items() if not s.internal}
+
+
+def capability_table() -> list[dict]:
+    """One row per method: name, peft_type and its declared capabilities."""
+    rows = []
+    for name, spec in sorted(public_methods().items()):
+        c = spec.capabilities
+        rows.append({"method": name, "peft_type": spec.config_cls.peft_type, "mergeable": c.mergeable,
+                     "mixed_batch": c.mixed_batch, "quantized_base": c.quantized_base,
+                     "peft_compatible": c.peft_compatible,
+                     "layer_types": [t.__name__ for t in c.layer_types]})
+    return rows

@@ -1,0 +1,171 @@
+"""AdaptedSite: one frozen base module plus its deltas by adapter name; compose, merge, unmerge."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .delta import Delta
+from .errors import MergeError
+
+BASE_NAME = "__base__"
+
+
+@dataclass
+class Grouping:
+    """Rows of a mixed batch sorted by adapter: built once per model call, shared by all sites."""
+
+    names: list[str]             # adapter name per group (BASE_NAME = no adapter)
+    bounds: list[tuple[int, int]]  # row range of each group in sorted order
+    perm: torch.Tensor | None    # sorted row -> original row (None: already sorted)
+    inverse: torch.Tensor | None
+    batch: int
+
+    @classmethod
+    def build(cls, adapter_names: list[str]) -> "Grouping":
+        """Group row indices by adapter name with one stable sort."""
+        order = sorted(range(len(adapter_names)), key=lambda i: adapter_names[i])
+        names, bounds = [], []
+        for pos, row in enumerate(order):
+            name = adapter_names[row]
+            if not names or names[-1] != name:
+                names.append(name)
+                bounds.append((pos, pos + 1))
+            else:
+                bounds[-1] = (bounds[-1][0], pos + 1)
+        if order == list(range(len(order))):
+            return cls(names, bounds, None, None, len(order))
+        perm = torch.tensor(order)
+        return cls(names, bounds, perm, torch.argsort(perm), len(order))
+
+
+@dataclass
+class ForwardContext:
+    """State shared by every site of one AdaptedModel (one object, referenced, never re-hooked)."""
+
+    active: list[str] = field(default_factory=list)
+    disabled: bool = False
+    grouping: Grouping | None = None
+
+
+def run_with_params(module: nn.Module, params: dict[str, torch.Tensor], x, *args, **kwargs):
+    """Run `module` with some parameters replaced; direct calls for common layers, else functional_call."""
+    if not args and not kwargs:
+        if type(module) is nn.Linear:
+            return F.linear(x, params.get("weight", module.weight), params.get("bias", module.bias))
+        if type(module) is nn.LayerNorm:
+            return F.layer_norm(x, module.normalized_shape, params.get("weight", module.weight),
+                                params.get("bias", module.bias), module.eps)
+        if type(module) in (nn.Conv1d, nn.Conv2d) and module.padding_mode == "zeros":
+            return module._conv_forward(x, params.get("weight", module.weight), params.get("bias", module.bias))
+    return functional_call(module, params, (x, *args), kwargs, strict=False)
+
+
+class AdaptedSite(nn.Module):
+    """Wraps a base module; forward = compose(base(x), active deltas)."""
+
+    def __init__(self, base_layer: nn.Module, path: str, ctx: ForwardContext) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.deltas = nn.ModuleDict()
+        self.path = path
+        self.merged: list[str] = []
+        self._merge_cache: dict[str, dict[str, torch.Tensor]] = {}
+        object.__setattr__(self, "_ctx", ctx)
+
+    # ---- forward -----------------------------------------------------------------------
+    def forward(self, x, *args, **kwargs):
+        ctx = self._ctx
+        if ctx.disabled or not self.deltas:
+            return self.base_layer(x, *args, **kwargs)
+        if ctx.grouping is not None:
+            return self._forward_mixed(ctx.grouping, x, *args, **kwargs)
+        deltas = [self.deltas[n] for n in ctx.active if n in self.deltas and n not in self.merged]
+        return self._compose(deltas, x, *args, **kwargs)
+
+    def _compose(self, deltas: list[Delta], x, *args, **kwargs):
+        if not deltas:
+            return self.base_layer(x, *args, **kwargs)
+        h = x
+        for d in deltas:
+            if d.kind == "input":
+                h = d.pre(h)
+        weight_deltas = [d for d in deltas if d.kind == "weight"]
+        if weight_deltas:
+            params = dict(self.base_layer.named_parameters())
+            for d in weight_deltas:
+                params.update(d.weight_overrides(params))
+            out = run_with_params(self.base_layer, params, h, *args, **kwargs)
+        else:
+            out = self.base_layer(h, *args, **kwargs)
+        for d in deltas:
+            if d.kind == "output":
+                out = d(x, out)
+        return out
+
+    def _forward_mixed(self, grouping: Grouping, x, *args, **kwargs):
+        if x.shape[0] != grouping.batch:
+            raise ValueError(f"adapter_names has {grouping.batch} entries but site '{self.path}' sees a batch "
+                             f"of {x.shape[0]} rows; give one adapter name per input row")
+        per_group = [self.deltas[n] if n in self.deltas else None for n in grouping.names]
+        if all(d is None for d in per_group):
+            return self.base_layer(x, *args, **kwargs)
+        xs = x if grouping.perm is None else x.index_select(0, grouping.perm.to(x.device))
+        if all(d is None or d.kind == "output" for d in per_group):
+            # The base runs once on the whole batch; each group's delta runs on its slice.
+            out = self.base_layer(xs, *args, **kwargs)
+            pieces = [out[a:b] if d is None else d(xs[a:b], out[a:b])
+                      for d, (a, b) in zip(per_group, grouping.bounds)]
+        else:
+            pieces = [self._compose([] if d is None else [d], xs[a:b], *args, **kwargs)
+                      for d, (a, b) in zip(per_group, grouping.bounds)]
+        out = torch.cat(pieces, 0)
+        return out if grouping.inverse is None else out.index_select(0, grouping.inverse.to(out.device))
+
+    # ---- merge -------------------------------------------------------------------------
+    def merged_params(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(delta, new value) per base parameter for merging adapter `name`; nothing is written."""
+        delta = self.deltas[name]
+        params = dict(self.base_layer.named_parameters())
+        with torch.no_grad():
+            dw = {k: v.detach() for k, v in delta.delta_weight().items()}
+            missing = sorted(set(dw) - set(params))
+            if missing:
+                raise MergeError(f"adapter '{name}' at '{self.path}' changes {missing}, which "
+                                 f"{type(self.base_layer).__name__} does not have")
+            new = {k: params[k] + v.to(params[k].dtype) for k, v in dw.items()}
+        return dw, new
+
+    def merge(self, name: str, safe: bool = False) -> None:
+        """Add adapter `name`'s delta into the base weights (safe: refuse non-finite results first)."""
+        if name in self.merged or name not in self.deltas:
+            return
+        dw, new = self.merged_params(name)
+        if safe:
+            bad = [k for k, t in new.items() if not torch.isfinite(t).all()]
+            if bad:
+                raise MergeError(f"merging adapter '{name}' into '{self.path}' gives non-finite values in "
+                                 f"{bad}; the base weights were left unchanged")
+        params = dict(self.base_layer.named_parameters())
+        with torch.no_grad():
+            for k, t in new.items():
+                params[k].copy_(t)
+        if self.deltas[name].weight_dependent:
+            self._merge_cache[name] = dw
+        self.merged.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged delta again, most recent first."""
+        params = dict(self.base_layer.named_parameters())
+        while self.merged:
+            name = self.merged.pop()
+            dw = self._merge_cache.pop(name, None)
+            if dw is None:
+                with torch.no_grad():
+                    dw = self.deltas[name].delta_weight()
+            with torch.no_grad():
+                for k, v in dw.items():
+                    params[k].sub_(v.to(params[k].dtype))

@@ -1,0 +1,132 @@
+"""State naming and save/load in PEFT's on-disk layout (adapter_config.json + safetensors)."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+from .config import CONFIG_NAME, AdapterConfig
+from .errors import AdapterLoadError, ConfigError
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def adapter_state_dict(model, adapter_name: str) -> dict[str, torch.Tensor]:
+    """`base_model.model.<module path>.<PEFT param name>` -> tensor, with no adapter name inside."""
+    model._check_name(adapter_name)
+    out: dict[str, torch.Tensor] = {}
+    for site in model.sites():
+        delta = site.deltas[adapter_name] if adapter_name in site.deltas else None
+        if delta is None:
+            continue
+        for key, value in delta.state_dict().items():
+            out[f"{PREFIX}{site.path}.{delta.saved_key(key)}"] = value
+    return out
+
+
+def save_adapters(model, directory: str | Path, adapter_names: list[str] | None = None) -> None:
+    """Save adapters; each folder is written to a temporary sibling then moved into place."""
+    directory = Path(directory)
+    for name in adapter_names or list(model.peft_config):
+        target = directory if name == "default" else directory / name
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model, name).items()}
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            model.peft_config[name].save(tmp)
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            target.mkdir(parents=True, exist_ok=True)
+            for fname in (CONFIG_NAME, WEIGHTS_NAME):
+                os.replace(tmp / fname, target / fname)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_adapter(directory: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """Read a saved adapter's config and tensors, with errors that name the file."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory {directory} does not exist")
+    config = AdapterConfig.load(directory)
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorsError, OSError) as exc:
+        raise AdapterLoadError(f"{path}: cannot read safetensors ({exc})") from None
+    return config, tensors
+
+
+def _plan(model, adapter_name: str, tensors: dict[str, torch.Tensor]):
+    """Map file keys to (delta, own key), checking every key and shape before anything is written."""
+    problems: dict[str, list[str]] = defaultdict(list)
+    plan = []
+    expected: dict[str, tuple] = {}
+    for site in model.sites():
+        if adapter_name not in site.deltas:
+            continue
+        delta = site.deltas[adapter_name]
+        for key, value in delta.state_dict().items():
+            expected[f"{PREFIX}{site.path}.{delta.saved_key(key)}"] = (site.path, delta, key, value)
+    for file_key, tensor in tensors.items():
+        if file_key not in expected:
+            path = file_key[len(PREFIX):] if file_key.startswith(PREFIX) else file_key
+            problems[path.rsplit(".", 1)[0]].append(f"unexpected key '{file_key}'")
+            continue
+        site_path, delta, key, value = expected.pop(file_key)
+        if tuple(tensor.shape) != tuple(value.shape):
+            problems[site_path].append(f"'{delta.saved_key(key)}' has shape {tuple(tensor.shape)} in the file "
+                                       f"but the model expects {tuple(value.shape)}")
+            continue
+        plan.append((delta, key, tensor))
+    for site_path, _, key, _ in expected.values():
+        problems[site_path].append(f"'{key}' is missing from the file")
+    if problems:
+        lines = [f"  {module}: {'; '.join(msgs)}" for module, msgs in sorted(problems.items())[:20]]
+        more = f"\n  ... and {len(problems) - 20} more modules" if len(problems) > 20 else ""
+        raise AdapterLoadError(f"adapter '{adapter_name}' does not fit this model:\n" + "\n".join(lines) + more)
+    return plan
+
+
+def load_tensors(model, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy file tensors into an existing adapter after validating all of them."""
+    plan = _plan(model, adapter_name, tensors)
+    with torch.no_grad():
+        for delta, key, tensor in plan:
+            target = delta.get_parameter(key) if key in dict(delta.named_parameters()) else delta.get_buffer(key)
+            target.copy_(tensor.to(target.dtype))
+
+
+def load_adapter(model, directory: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
+    """Add adapter `adapter_name` from `directory` into an AdaptedModel, or leave it unchanged."""
+    config, tensors = read_adapter(directory)
+    config.inference_mode = not is_trainable
+    model.add_adapter(adapter_name, config)
+    try:
+        load_tensors(model, adapter_name, tensors)
+    except Exception:
+        model.delete_adapter(adapter_name)
+        raise
+
+
+def from_pretrained(cls, base_model, directory: str | Path, adapter_name: str, is_trainable: bool):
+    """Build cls(base_model, config) from a saved adapter; on failure the base model is restored."""
+    config, tensors = read_adapter(directory)
+    if not isinstance(config, AdapterConfig):  # pragma: no cover - read_adapter guarantees it
+        raise ConfigError(f"{directory}: not an adapter config")
+    config.inference_mode = not is_trainable
+    model = cls(base_model, config, adapter_name)
+    try:
+        load_tensors(model, adapter_name, tensors)
+    except Exception:
+        model.unload()
+        raise
+    return model
