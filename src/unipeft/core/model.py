@@ -155,6 +155,7 @@ class AdaptedModel(nn.Module):
             if not spec.capabilities.mergeable:
                 raise MergeError(f"adapter '{n}' uses {spec.name}, which cannot be merged into the weights")
         sites = list(self.sites())
+        self._refuse_tied(sites, names)
         if safe_merge:  # check everything before writing anything
             for site in sites:
                 for n in names:
@@ -167,6 +168,23 @@ class AdaptedModel(nn.Module):
         for site in sites:
             for n in names:
                 site.merge(n)
+
+    def _refuse_tied(self, sites: list[AdaptedSite], names: list[str]) -> None:
+        """Merging into a weight shared with another module (tied embeddings) would change both."""
+        owners: dict[int, list[str]] = {}
+        for path, p in self.base_model.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(p), []).append(path)
+        for site in sites:
+            params = dict(site.base_layer.named_parameters())
+            for n in names:
+                if n not in site.deltas or n in site.merged:
+                    continue
+                for key in site.deltas[n].delta_weight():
+                    shared = owners.get(id(params.get(key)), [])
+                    if len(shared) > 1:
+                        raise MergeError(f"cannot merge adapter '{n}' into '{site.path}.{key}': that weight is "
+                                         f"tied to {sorted(shared)}, so merging would change all of them; "
+                                         f"keep this adapter unmerged or do not target tied modules")
 
     def unmerge(self) -> None:
         """Undo every merge."""

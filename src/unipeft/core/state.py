@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, AdapterConfig
@@ -60,7 +60,7 @@ def read_adapter(directory: str | Path) -> tuple[AdapterConfig, dict[str, torch.
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
     try:
         tensors = load_file(str(path))
-    except (SafetensorsError, OSError) as exc:
+    except (SafetensorError, OSError) as exc:
         raise AdapterLoadError(f"{path}: cannot read safetensors ({exc})") from None
     return config, tensors
 

@@ -91,7 +91,8 @@ def select_targets(model: nn.Module, config, supported: tuple[type, ...],
         chosen = [(p, m) for p, m in chosen if isinstance(m, supported)]
     if not chosen:
         sample = ", ".join(p for p, _ in modules[:12])
-        raise TargetError(f"{type(config).__name__}: target_modules={spec!r} matched no module of "
+        what = "the method's default targets" if spec is None else f"target_modules={spec!r}"
+        raise TargetError(f"{type(config).__name__}: {what} matched no module of "
                           f"{type(model).__name__} (after exclude_modules/layers_to_transform); "
                           f"module names look like: {sample}")
     for path, module in chosen:
