@@ -25,14 +25,18 @@ class AdapterConfig:
     """Base of every method's config: where the method sits, plus the bookkeeping PEFT stores.
 
     Subclasses set `method` (registry name), `peft_type` (the on-disk type string),
-    `peft_names` (our field -> PEFT key) and `unsupported_peft_fields` (PEFT keys whose
-    non-default value we cannot honour: loading such a config is an error, not a silent drop).
+    `peft_names` (our field -> PEFT key), `peft_inert` (PEFT keys we do not model, with the
+    value at which they change nothing: any other value is an error, not a silent drop) and
+    `not_in_peft` (our fields PEFT's config lacks: omitted from the file while unset).
+    Keys nobody knows are dropped with a warning while empty (forward compatibility) and
+    refused when set, since dropping them could silently change the adapter's behaviour.
     """
 
     method: ClassVar[str] = ""
     peft_type: ClassVar[str] = ""
     peft_names: ClassVar[dict[str, str]] = {}
-    unsupported_peft_fields: ClassVar[tuple[str, ...]] = ()
+    peft_inert: ClassVar[dict[str, Any]] = {}
+    not_in_peft: ClassVar[tuple[str, ...]] = ()
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
@@ -70,6 +74,8 @@ class AdapterConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name in self.not_in_peft and value is None:
+                continue
             out[self.peft_names.get(f.name, f.name)] = self._value_to_peft(f.name, value)
         out["peft_type"] = self.peft_type
         return out
@@ -94,11 +100,13 @@ class AdapterConfig:
             name = reverse.get(key, key)
             if name in known:
                 kwargs[name] = cls._value_from_peft(name, value)
-            elif key in cls.unsupported_peft_fields and not _is_default_like(value):
-                raise ConfigError(
-                    f"{cls.__name__}: field '{key}'={value!r} is not supported by unipeft; "
-                    f"supported fields: {sorted(cls.peft_names.get(k, k) for k in known)}")
-            elif key not in _INERT_PEFT_KEYS and not _is_default_like(value):
+            elif key in _INERT_PEFT_KEYS or (key in cls.peft_inert and value == cls.peft_inert[key]):
+                continue
+            elif key in cls.peft_inert or not _is_default_like(value):
+                supported = sorted(cls.peft_names.get(k, k) for k in known)
+                raise ConfigError(f"{cls.__name__} ({cls.peft_type}): field '{key}'={value!r} is not supported by "
+                                  f"unipeft; supported fields: {supported}")
+            else:
                 warnings.warn(f"{cls.__name__}: unknown config key '{key}' ignored", stacklevel=3)
         try:
             return cls(**kwargs)

@@ -67,6 +67,7 @@ class LNTuningConfig(AdapterConfig):
     """LayerNorm tuning: train copies of the normalisation layers (default: every *Norm module)."""
 
     peft_type = "LN_TUNING"
+    not_in_peft = ("layers_to_transform", "layers_pattern")
 
 
 class LNTuningDelta(FullCopyDelta):

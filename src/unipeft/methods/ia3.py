@@ -19,6 +19,7 @@ class IA3Config(AdapterConfig):
     """IA3: out = base(x) * l, or base(x * l) on `feedforward_modules`; l starts at ones."""
 
     peft_type = "IA3"
+    not_in_peft = ("layers_to_transform", "layers_pattern")
     feedforward_modules: list[str] | str | None = None
     fan_in_fan_out: bool = False
     init_ia3_weights: bool = True

@@ -25,9 +25,12 @@ class LoraConfig(AdapterConfig):
 
     peft_type = "LORA"
     peft_names = {"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights"}
-    unsupported_peft_fields = ("lora_bias", "use_qalora", "target_parameters", "layer_replication",
-                               "trainable_token_indices", "loftq_config", "eva_config", "corda_config",
-                               "use_bdlora", "alora_invocation_tokens", "arrow_config")
+    peft_inert = {"megatron_config": None, "megatron_core": "megatron.core", "trainable_token_indices": None,
+                  "loftq_config": {}, "eva_config": None, "corda_config": None, "lora_ga_config": None,
+                  "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False,
+                  "qalora_group_size": 16, "monteclora_config": None, "layer_replication": None,
+                  "lora_bias": False, "target_parameters": None, "use_bdlora": None, "arrow_config": None,
+                  "kasa_config": None, "ensure_weight_tying": False}
 
     r: int = 8
     alpha: float = 8
