@@ -9,6 +9,8 @@ import sys
 # Modules are imported only when their verb runs, so `unipeft --help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("unipeft.demo", "adapt the offline MiniLM model with LoRA and check merge equivalence"),
+    "import": ("unipeft.interop.import_cli", "check an adapter folder of another library (--from peft) and write it"),
+    "export": ("unipeft.interop.export_cli", "check a unipeft adapter and write it for another library (--to peft)"),
 }
 
 

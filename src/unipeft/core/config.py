@@ -48,10 +48,12 @@ class AdapterConfig:
     inference_mode: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.modules_to_save, (set, tuple)):
-            self.modules_to_save = list(self.modules_to_save)
+        for f in dataclasses.fields(self):  # PEFT hands out sets for name lists
+            value = getattr(self, f.name)
+            if isinstance(value, (set, frozenset)):
+                setattr(self, f.name, sorted(value))
+            elif isinstance(value, tuple):
+                setattr(self, f.name, list(value))
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
         self.validate()

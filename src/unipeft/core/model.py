@@ -241,6 +241,18 @@ class AdaptedModel(nn.Module):
                 raise ConfigError(f"adapter '{n}' uses {spec.name}, which does not support mixed batches")
         return Grouping.build(list(adapter_names))
 
+    # ---- PEFT-familiar reporting -------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts."""
+        from .report import trainable_report
+        rep = trainable_report(self)
+        return rep.trainable, rep.total
+
+    def print_trainable_parameters(self) -> None:
+        """Print PEFT's one-line trainable-parameter summary."""
+        from .report import trainable_report
+        print(trainable_report(self).summary())
+
     # ---- persistence (see state.py) ---------------------------------------------------------
     def save_pretrained(self, save_directory: str | Path, adapter_names: list[str] | None = None) -> None:
         """Write each adapter in PEFT's format ('default' at the top, others in sub-folders)."""

@@ -8,9 +8,6 @@ from torch import nn
 
 from .errors import TargetError
 
-DEFAULT_LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
-
-
 def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Yield (path, module) as in the un-adapted model: a site stands for its base layer."""
     from .site import AdaptedSite
@@ -35,11 +32,13 @@ def name_matches(path: str, spec: list[str] | str) -> bool:
 
 
 def layer_index(path: str, patterns: list[str] | str | None) -> int | None:
-    """The transformer-layer index in `path` (e.g. 3 in 'encoder.layer.3.attention'), if any."""
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    for pattern in patterns or DEFAULT_LAYER_PATTERNS:
-        match = re.match(rf"(?:.*\.)?{pattern}\.(\d+)\.", path)
+    """The layer index in `path` (e.g. 3 in 'encoder.layer.3.attention'), matched as PEFT does."""
+    if patterns is None:
+        # No pattern: the first numeric component after a dotted prefix.
+        match = re.match(r".*?\.[^.]*\.(\d+)\.", path)
+        return int(match.group(1)) if match else None
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        match = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", path)
         if match:
             return int(match.group(1))
     return None

@@ -41,6 +41,7 @@ class IA3Delta(Delta):
         self.feedforward = bool(config.feedforward_modules) and name_matches(path, config.feedforward_modules)
         self.kind = "input" if self.feedforward else "output"
         w = base.weight
+        config.fan_in_fan_out = isinstance(base, Conv1D)  # what PEFT records for GPT-2's Conv1D
         if isinstance(base, (nn.Conv1d, nn.Conv2d)):
             channels = base.in_channels if self.feedforward else base.out_channels
             shape = (1, channels) + (1,) * (w.dim() - 2)

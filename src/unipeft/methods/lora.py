@@ -104,6 +104,8 @@ class LoraDelta(Delta):
     @classmethod
     def create(cls, base: nn.Module, config: LoraConfig, path: str) -> Delta:
         if isinstance(base, (nn.Linear, Conv1D)):
+            # GPT-2's Conv1D stores W transposed; PEFT records that as fan_in_fan_out=True.
+            config.fan_in_fan_out = isinstance(base, Conv1D)
             return LoraLinear(base, config, path)
         if isinstance(base, nn.Embedding):
             if config.use_dora:
@@ -175,11 +177,8 @@ class LoraEmbedding(LoraDelta):
     def __init__(self, base: nn.Embedding, config: LoraConfig, path: str) -> None:
         super().__init__(base, config, path)
         self.lora_embedding_A = nn.Parameter(torch.zeros(self.r, base.num_embeddings))
-        self.lora_embedding_B = nn.Parameter(torch.empty(base.embedding_dim, self.r))
-        if config.init == "kaiming":
-            nn.init.normal_(self.lora_embedding_B)
-        else:
-            nn.init.normal_(self.lora_embedding_B, std=1 / self.r)
+        # As nn.Embedding initialises its weight, whatever `init` says (PEFT does the same).
+        self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, self.r))
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         b = self.base

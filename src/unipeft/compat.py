@@ -1,0 +1,68 @@
+"""PEFT-compatible entry points: a PEFT script runs on unipeft after changing only its imports.
+
+    from unipeft.compat import LoraConfig, get_peft_model, PeftModel, TaskType
+"""
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from torch import nn
+
+from .core.config import AdapterConfig
+from .core.model import AdaptedModel
+from .interop.peft import apply_task_type
+from .methods.full_copy import LNTuningConfig as _LNTuning
+from .methods.ia3 import IA3Config as _IA3
+from .methods.lora import LoraConfig as _Lora
+
+
+class TaskType(str, enum.Enum):
+    """PEFT's task types (the values are what PEFT writes to adapter_config.json)."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+def _from_peft_kwargs(cls: type[AdapterConfig], kwargs: dict[str, Any]) -> AdapterConfig:
+    kwargs = dict(kwargs)
+    if isinstance(kwargs.get("task_type"), enum.Enum):
+        kwargs["task_type"] = kwargs["task_type"].value
+    return cls.from_dict({**kwargs, "peft_type": cls.peft_type})
+
+
+def LoraConfig(**kwargs: Any) -> _Lora:  # noqa: N802 - mirrors PEFT's class name
+    """PEFT's LoraConfig field names (lora_alpha, lora_dropout, init_lora_weights...) -> up.LoraConfig."""
+    return _from_peft_kwargs(_Lora, kwargs)
+
+
+def IA3Config(**kwargs: Any) -> _IA3:  # noqa: N802
+    """PEFT's IA3Config fields -> up.IA3Config."""
+    return _from_peft_kwargs(_IA3, kwargs)
+
+
+def LNTuningConfig(**kwargs: Any) -> _LNTuning:  # noqa: N802
+    """PEFT's LNTuningConfig fields -> up.LNTuningConfig."""
+    return _from_peft_kwargs(_LNTuning, kwargs)
+
+
+def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default") -> AdaptedModel:
+    """Like peft.get_peft_model: adapt `model`, training the task's head too (SEQ_CLS)."""
+    return AdaptedModel(model, apply_task_type(peft_config), adapter_name)
+
+
+class PeftModel:
+    """Namespace mirroring peft.PeftModel's constructors."""
+
+    @staticmethod
+    def from_pretrained(model: nn.Module, model_id: str, adapter_name: str = "default",
+                        is_trainable: bool = False, **_: Any) -> AdaptedModel:
+        """Load a PEFT (or unipeft) adapter folder onto `model`."""
+        return AdaptedModel.from_pretrained(model, model_id, adapter_name, is_trainable)
+
+
+__all__ = ["IA3Config", "LNTuningConfig", "LoraConfig", "PeftModel", "TaskType", "get_peft_model"]
