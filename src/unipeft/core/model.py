@@ -145,6 +145,10 @@ class AdaptedModel(nn.Module):
                 for n in names:
                     sites[path].merge(n)
 
+    def disable_adapter(self):
+        """PEFT's name for `disable_adapters()`."""
+        return self.disable_adapters()
+
     # ---- merge ----------------------------------------------------------------------------
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Add the adapters' deltas into the base weights (default: the active adapters)."""
