@@ -30,6 +30,9 @@ class AdaptedModel(nn.Module):
         self.base_model = base_model
         self.peft_config: dict[str, AdapterConfig] = {}
         object.__setattr__(self, "_ctx", ForwardContext())
+        # path -> site, kept up to date on inject/remove, so no call walks every module
+        # (whose count grows with the number of adapters).
+        object.__setattr__(self, "_sites", {})
         # Remember the base's requires_grad flags so unload() gives the model back as it came.
         self._base_requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
         for p in base_model.parameters():
@@ -52,10 +55,7 @@ class AdaptedModel(nn.Module):
     # ---- sites ------------------------------------------------------------------------
     def sites(self) -> Iterator[AdaptedSite]:
         """Every site in the model."""
-        return (m for m in self.base_model.modules() if isinstance(m, AdaptedSite))
-
-    def _site_map(self) -> dict[str, AdaptedSite]:
-        return {s.path: s for s in self.sites()}
+        return iter(list(self._sites.values()))
 
     @property
     def active_adapters(self) -> list[str]:
@@ -90,7 +90,7 @@ class AdaptedModel(nn.Module):
             found = [(p, m) for p, m in found if not any(p.startswith(q + ".") for q, _ in found)]
             new_deltas += [(p, m, saver.delta_cls.create(m, config, p)) for p, m in found]
         # All deltas were built without error: only now touch the model.
-        sites = self._site_map()
+        sites = self._sites
         for path, module, delta in new_deltas:
             site = sites.get(path)
             if site is None:
@@ -100,6 +100,7 @@ class AdaptedModel(nn.Module):
             delta.requires_grad_(False)
             site.deltas[adapter_name] = delta
         self.peft_config[adapter_name] = config
+        self._ctx.version += 1
 
     def set_adapter(self, adapter_names: str | list[str]) -> None:
         """Make these adapters active (applied in this order) and the only trainable parameters."""
@@ -107,6 +108,7 @@ class AdaptedModel(nn.Module):
         for n in names:
             self._check_name(n)
         self._ctx.active[:] = names
+        self._ctx.version += 1
         for site in self.sites():
             for n, delta in site.deltas.items():
                 delta.requires_grad_(n in names and not self.peft_config[n].inference_mode)
@@ -122,9 +124,11 @@ class AdaptedModel(nn.Module):
                 del site.deltas[adapter_name]
             if not site.deltas:
                 _set_submodule(self.base_model, site.path, site.base_layer)
+                del self._sites[site.path]
         del self.peft_config[adapter_name]
         if adapter_name in self._ctx.active:
             self._ctx.active.remove(adapter_name)
+        self._ctx.version += 1
 
     def _check_name(self, name: str) -> None:
         if name not in self.peft_config:
@@ -140,7 +144,7 @@ class AdaptedModel(nn.Module):
             yield self
         finally:
             self._ctx.disabled = False
-            sites = self._site_map()
+            sites = self._sites
             for path, names in merged.items():
                 for n in names:
                     sites[path].merge(n)
@@ -211,10 +215,12 @@ class AdaptedModel(nn.Module):
         return self._strip_sites()
 
     def _strip_sites(self) -> nn.Module:
-        for site in list(self.sites()):
+        for site in self.sites():
             _set_submodule(self.base_model, site.path, site.base_layer)
+        self._sites.clear()
         self.peft_config.clear()
         self._ctx.active.clear()
+        self._ctx.version += 1
         self._restore_base_flags()
         return self.base_model
 

@@ -49,6 +49,7 @@ class ForwardContext:
     active: list[str] = field(default_factory=list)
     disabled: bool = False
     grouping: Grouping | None = None
+    version: int = 0  # bumped whenever the active set or any site's adapters change
 
 
 def run_with_params(module: nn.Module, params: dict[str, torch.Tensor], x, *args, **kwargs):
@@ -75,6 +76,10 @@ class AdaptedSite(nn.Module):
         self.merged: list[str] = []
         self._merge_cache: dict[str, dict[str, torch.Tensor]] = {}
         object.__setattr__(self, "_ctx", ctx)
+        # The deltas to apply, resolved once per change of the active set (not per call).
+        self._seen_version = -1
+        self._active: list[Delta] = []
+        self._output_only = True
 
     # ---- forward -----------------------------------------------------------------------
     def forward(self, x, *args, **kwargs):
@@ -83,8 +88,19 @@ class AdaptedSite(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if ctx.grouping is not None:
             return self._forward_mixed(ctx.grouping, x, *args, **kwargs)
-        deltas = [self.deltas[n] for n in ctx.active if n in self.deltas and n not in self.merged]
-        return self._compose(deltas, x, *args, **kwargs)
+        if self._seen_version != ctx.version:
+            self._resolve()
+        if self._output_only:
+            out = self.base_layer(x, *args, **kwargs)
+            for d in self._active:
+                out = d(x, out)
+            return out
+        return self._compose(self._active, x, *args, **kwargs)
+
+    def _resolve(self) -> None:
+        self._active = [self.deltas[n] for n in self._ctx.active if n in self.deltas and n not in self.merged]
+        self._output_only = all(d.kind == "output" for d in self._active)
+        self._seen_version = self._ctx.version
 
     def _compose(self, deltas: list[Delta], x, *args, **kwargs):
         if not deltas:
@@ -156,10 +172,12 @@ class AdaptedSite(nn.Module):
         if self.deltas[name].weight_dependent:
             self._merge_cache[name] = dw
         self.merged.append(name)
+        self._seen_version = -1
 
     def unmerge(self) -> None:
         """Subtract every merged delta again, most recent first."""
         params = dict(self.base_layer.named_parameters())
+        self._seen_version = -1
         while self.merged:
             name = self.merged.pop()
             dw = self._merge_cache.pop(name, None)
