@@ -1,0 +1,1 @@
+"""Reproducible side-by-side benchmarks of unipeft against its peers (run: python -m benchmarks.run)."""

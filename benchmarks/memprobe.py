@@ -1,0 +1,64 @@
+"""Child process: peak resident memory of a few training steps of one (library, method, model).
+
+Run as `python -m benchmarks.memprobe --lib unipeft --model minilm --method lora_qv`; prints JSON.
+The peak is the kernel's high-water mark (VmHWM), reset after the model is loaded, minus the
+resident size at that point: what training adds on top of holding the model.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])  # kB
+    raise KeyError(key)
+
+
+def main() -> None:
+    """Measure and print {"peak_mb": ..., "steps": ...}."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lib", choices=["unipeft", "peft", "bound"], required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--method", required=True)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+
+    import torch
+
+    from .models import batch, loss_of
+    from .peft_suite import adapted, bound_step
+
+    torch.manual_seed(0)
+    b = batch(args.model, args.batch, args.seq)
+    if args.lib == "bound":
+        step = bound_step(args.model, b)
+    else:
+        model = adapted(args.lib, args.model, args.method)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            loss_of(model, b).backward()
+            opt.step()
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the high-water mark to the current size
+    except OSError:
+        pass
+    rss0 = _status("VmRSS")
+    for _ in range(args.steps):
+        step()
+    peak = _status("VmHWM")
+    print(json.dumps({"peak_mb": round((peak - rss0) / 1024, 1), "steps": args.steps}))
+
+
+if __name__ == "__main__":
+    main()

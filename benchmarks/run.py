@@ -1,0 +1,60 @@
+"""Run a benchmark suite: `python -m benchmarks.run --suite quick|full [--out DIR]`.
+
+Writes benchmarks/results/peft_<suite>.json (figures, versions, machine) and a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SUITES = {
+    # model, train batch/seq, repeats, memory probes, inference batch sizes, mixed (batch, adapters), inject n
+    "quick": dict(models=("tiny-gpt2", "minilm"), size=8, seq=32, repeat=7, memory=True, inf_sizes=(1, 16),
+                  inf_repeat=15, mixed=(32, 8), n_inject=50),
+    "full": dict(models=("tiny-gpt2", "minilm"), size=16, seq=64, repeat=15, memory=True, inf_sizes=(1, 16),
+                 inf_repeat=40, mixed=(32, 8), n_inject=50),
+    "test": dict(models=("micro-gpt2",), size=2, seq=8, repeat=1, memory=False, inf_sizes=(1,), inf_repeat=1,
+                 mixed=(8, 4), n_inject=3),
+}
+
+
+def run(suite: str, out_dir: Path | None = None) -> Path:
+    """Run every row of `suite` and write its JSON and markdown table."""
+    from . import peft_suite as s
+    from .common import RESULTS, versions, write_results
+    from .table import markdown
+
+    cfg = SUITES[suite]
+    marks = (1, 10, 50) if cfg["n_inject"] >= 50 else (2, cfg["n_inject"])
+    rows: list[dict] = []
+    t0 = time.time()
+    for model in cfg["models"]:
+        print(f"[{suite}] {model}: training rows", flush=True)
+        rows += s.training_rows(model, cfg["size"], cfg["seq"], cfg["repeat"], cfg["memory"])
+        print(f"[{suite}] {model}: inference rows", flush=True)
+        rows += s.inference_rows(model, cfg["inf_sizes"], cfg["seq"], cfg["inf_repeat"])
+        print(f"[{suite}] {model}: mixed-batch, inject/load, merge rows", flush=True)
+        rows += s.mixed_batch_rows(model, cfg["mixed"][0], cfg["seq"], cfg["mixed"][1], cfg["repeat"])
+        rows += s.inject_load_rows(model, cfg["n_inject"], tuple(m if m > 1 else 2 for m in marks))
+        rows += s.merge_rows(model, cfg["seq"])
+    payload = {"suite": suite, "config": cfg, "versions": versions(), "rows": rows,
+               "wall_seconds": round(time.time() - t0, 1)}
+    return write_results(f"peft_{suite}", payload, markdown(payload), out_dir or RESULTS)
+
+
+def main() -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    args = parser.parse_args()
+    print(f"wrote {run(args.suite, args.out)}")
+
+
+if __name__ == "__main__":
+    main()
