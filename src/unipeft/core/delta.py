@@ -45,6 +45,16 @@ class Delta(nn.Module):
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    @classmethod
+    def forward_grouped(cls, deltas: list["Delta | None"], x: torch.Tensor, base_out: torch.Tensor,
+                        row_group: torch.Tensor) -> torch.Tensor | None:
+        """Optional batched mixed-batch path: row i gets deltas[row_group[i]] (None = no delta).
+
+        Core calls it when every group's delta is of this class; return None to fall back to
+        running each group's slice separately.
+        """
+        return None
+
     def pre(self, x: torch.Tensor) -> torch.Tensor:
         """Input-side transform (kind "input")."""
         return x

@@ -23,6 +23,7 @@ class Grouping:
     perm: torch.Tensor | None    # sorted row -> original row (None: already sorted)
     inverse: torch.Tensor | None
     batch: int
+    row_group: torch.Tensor      # group index of each row, in the original order
 
     @classmethod
     def build(cls, adapter_names: list[str]) -> "Grouping":
@@ -36,10 +37,12 @@ class Grouping:
                 bounds.append((pos, pos + 1))
             else:
                 bounds[-1] = (bounds[-1][0], pos + 1)
+        index = {n: g for g, n in enumerate(names)}
+        row_group = torch.tensor([index[n] for n in adapter_names])
         if order == list(range(len(order))):
-            return cls(names, bounds, None, None, len(order))
+            return cls(names, bounds, None, None, len(order), row_group)
         perm = torch.tensor(order)
-        return cls(names, bounds, perm, torch.argsort(perm), len(order))
+        return cls(names, bounds, perm, torch.argsort(perm), len(order), row_group)
 
 
 @dataclass
@@ -127,18 +130,29 @@ class AdaptedSite(nn.Module):
             raise ValueError(f"adapter_names has {grouping.batch} entries but site '{self.path}' sees a batch "
                              f"of {x.shape[0]} rows; give one adapter name per input row")
         per_group = [self.deltas[n] if n in self.deltas else None for n in grouping.names]
-        if all(d is None for d in per_group):
+        present = [d for d in per_group if d is not None]
+        if not present:
             return self.base_layer(x, *args, **kwargs)
-        xs = x if grouping.perm is None else x.index_select(0, grouping.perm.to(x.device))
-        if all(d is None or d.kind == "output" for d in per_group):
-            # The base runs once on the whole batch; each group's delta runs on its slice.
-            out = self.base_layer(xs, *args, **kwargs)
-            pieces = [out[a:b] if d is None else d(xs[a:b], out[a:b])
-                      for d, (a, b) in zip(per_group, grouping.bounds)]
-        else:
+        if any(d.kind != "output" for d in present):
+            # Input- or weight-side deltas change the base computation: run each group on its rows.
+            xs = x if grouping.perm is None else x.index_select(0, grouping.perm.to(x.device))
             pieces = [self._compose([] if d is None else [d], xs[a:b], *args, **kwargs)
                       for d, (a, b) in zip(per_group, grouping.bounds)]
-        out = torch.cat(pieces, 0)
+            return self._unsort(torch.cat(pieces, 0), grouping)
+        out = self.base_layer(x, *args, **kwargs)  # the base runs once on the whole batch
+        kinds = {type(d) for d in present}
+        if len(kinds) == 1:
+            fused = kinds.pop().forward_grouped(per_group, x, out, grouping.row_group.to(x.device))
+            if fused is not None:
+                return fused
+        if grouping.perm is not None:
+            perm = grouping.perm.to(x.device)
+            x, out = x.index_select(0, perm), out.index_select(0, perm)
+        pieces = [out[a:b] if d is None else d(x[a:b], out[a:b]) for d, (a, b) in zip(per_group, grouping.bounds)]
+        return self._unsort(torch.cat(pieces, 0), grouping)
+
+    @staticmethod
+    def _unsort(out: torch.Tensor, grouping: Grouping) -> torch.Tensor:
         return out if grouping.inverse is None else out.index_select(0, grouping.inverse.to(out.device))
 
     # ---- merge -------------------------------------------------------------------------

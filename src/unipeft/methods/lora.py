@@ -149,9 +149,12 @@ class LoraLinear(LoraDelta):
         return torch.linalg.norm(w + self.scaling * lora_weight, dim=1)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        h = self.lora_dropout(x.to(self.lora_A.weight.dtype))
-        lora_out = self.lora_B(self.lora_A(h))
+        a, b = self.lora_A.weight, self.lora_B.weight
+        h = self.lora_dropout(x if x.dtype == a.dtype else x.to(a.dtype))
+        lora_out = F.linear(F.linear(h, a), b)
         if not self.use_dora:
+            if lora_out.dtype == base_out.dtype:
+                return torch.add(base_out, lora_out, alpha=self.scaling)
             return base_out + (lora_out * self.scaling).to(base_out.dtype)
         # DoRA: the column norm is detached (DoRA paper, sec. 4.3), as PEFT does.
         norm = self._weight_norm(self._lora_weight().detach()).detach()
@@ -161,6 +164,22 @@ class LoraLinear(LoraDelta):
         else:
             plain = F.linear(h, self._base_weight().to(h.dtype))
         return base_out + ((scale - 1) * plain + scale * lora_out * self.scaling).to(base_out.dtype)
+
+    @classmethod
+    def forward_grouped(cls, deltas, x, base_out, row_group):
+        """Plain LoRA of equal rank in every group: two batched matmuls with per-row A and B."""
+        live = [d for d in deltas if d is not None]
+        r = live[0].r
+        if any(d.use_dora or d.r != r or (d.training and not isinstance(d.lora_dropout, nn.Identity))
+               for d in live) or x.dtype != live[0].lora_A.weight.dtype:
+            return None
+        a0, b0 = live[0].lora_A.weight, live[0].lora_B.weight
+        a = torch.stack([torch.zeros_like(a0) if d is None else d.lora_A.weight for d in deltas])
+        b = torch.stack([torch.zeros_like(b0) if d is None else d.lora_B.weight * d.scaling for d in deltas])
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+        h = torch.bmm(x3, a[row_group].transpose(1, 2))
+        y = torch.bmm(h, b[row_group].transpose(1, 2)).reshape(base_out.shape)
+        return base_out + y.to(base_out.dtype)
 
     def delta_weight(self) -> dict[str, torch.Tensor]:
         lora_w = self._lora_weight() * self.scaling
