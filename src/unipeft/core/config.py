@@ -13,7 +13,7 @@ from .errors import ConfigError
 CONFIG_NAME = "adapter_config.json"
 
 # PEFT keys that carry no behaviour for us; accepted and dropped silently.
-_INERT_PEFT_KEYS = {"revision", "auto_mapping", "peft_version", "megatron_config", "megatron_core"}
+_INERT_PEFT_KEYS = {"revision", "auto_mapping", "peft_version"}
 
 
 def _is_default_like(value: Any) -> bool:

@@ -174,7 +174,7 @@ class AdaptedModel(nn.Module):
                             raise MergeError(f"merging adapter '{n}' into '{site.path}' gives non-finite "
                                              f"values in {bad}; the base weights were left unchanged")
         for site in sites:
-            for n in names:
+            for n in site.merge_order(names):
                 site.merge(n)
 
     def _refuse_tied(self, sites: list[AdaptedSite], names: list[str]) -> None:

@@ -126,13 +126,17 @@ class AdaptedSite(nn.Module):
         return out
 
     def _forward_mixed(self, grouping: Grouping, x, *args, **kwargs):
-        if x.shape[0] != grouping.batch:
-            raise ValueError(f"adapter_names has {grouping.batch} entries but site '{self.path}' sees a batch "
-                             f"of {x.shape[0]} rows; give one adapter name per input row")
         per_group = [self.deltas[n] if n in self.deltas else None for n in grouping.names]
         present = [d for d in per_group if d is not None]
         if not present:
             return self.base_layer(x, *args, **kwargs)
+        if x.shape[0] == 1 and grouping.batch > 1:
+            # An input shared by all rows (position ids of shape (1, T)): each row needs its own
+            # adapter, so give every row a copy; the (batch, ...) output broadcasts like (1, ...) did.
+            x = x.expand(grouping.batch, *x.shape[1:])
+        if x.shape[0] != grouping.batch:
+            raise ValueError(f"adapter_names has {grouping.batch} entries but site '{self.path}' sees a batch "
+                             f"of {x.shape[0]} rows; give one adapter name per input row")
         if any(d.kind != "output" for d in present):
             # Input- or weight-side deltas change the base computation: run each group on its rows.
             xs = x if grouping.perm is None else x.index_select(0, grouping.perm.to(x.device))
@@ -168,6 +172,14 @@ class AdaptedSite(nn.Module):
                                  f"{type(self.base_layer).__name__} does not have")
             new = {k: params[k] + v.to(params[k].dtype) for k, v in dw.items()}
         return dw, new
+
+    def merge_order(self, names: list[str]) -> list[str]:
+        """Those of `names` held here, in the order whose merges reproduce forward: weight-side
+        deltas first (forward runs the base with them), then input-side, then output-side (forward
+        applies them to the base's result); list order within a kind. Weight-dependent deltas
+        merge against the weights merged so far, so the order changes the result."""
+        rank = {"weight": 0, "input": 1, "output": 2}
+        return sorted((n for n in names if n in self.deltas), key=lambda n: rank.get(self.deltas[n].kind, 2))
 
     def merge(self, name: str, safe: bool = False) -> None:
         """Add adapter `name`'s delta into the base weights (safe: refuse non-finite results first)."""

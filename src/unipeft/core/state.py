@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, AdapterConfig
 from .errors import AdapterLoadError, ConfigError
+from .targets import logical_modules
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -65,11 +66,21 @@ def read_adapter(directory: str | Path) -> tuple[AdapterConfig, dict[str, torch.
     return config, tensors
 
 
+def _owning_module(modules: set[str], key: str) -> str:
+    """The longest path in `modules` that `key` starts with (else all but its last part)."""
+    parts = key.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        if ".".join(parts[:end]) in modules:
+            return ".".join(parts[:end])
+    return key.rsplit(".", 1)[0]
+
+
 def _plan(model, adapter_name: str, tensors: dict[str, torch.Tensor]):
     """Map file keys to (delta, own key), checking every key and shape before anything is written."""
     problems: dict[str, list[str]] = defaultdict(list)
     plan = []
     expected: dict[str, tuple] = {}
+    module_paths: set[str] | None = None
     for site in model.sites():
         if adapter_name not in site.deltas:
             continue
@@ -79,7 +90,9 @@ def _plan(model, adapter_name: str, tensors: dict[str, torch.Tensor]):
     for file_key, tensor in tensors.items():
         if file_key not in expected:
             path = file_key[len(PREFIX):] if file_key.startswith(PREFIX) else file_key
-            problems[path.rsplit(".", 1)[0]].append(f"unexpected key '{file_key}'")
+            if module_paths is None:  # only needed to name the module of an unexpected key
+                module_paths = {p for p, _ in logical_modules(model.base_model)}
+            problems[_owning_module(module_paths, path)].append(f"unexpected key '{file_key}'")
             continue
         site_path, delta, key, value = expected.pop(file_key)
         if tuple(tensor.shape) != tuple(value.shape):
