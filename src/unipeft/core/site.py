@@ -81,8 +81,9 @@ class AdaptedSite(nn.Module):
         object.__setattr__(self, "_ctx", ctx)
         # The deltas to apply, resolved once per change of the active set (not per call).
         self._seen_version = -1
-        self._active: list[Delta] = []
-        self._output_only = True
+        self._inputs: list[Delta] = []
+        self._weights: list[Delta] = []
+        self._outputs: list[Delta] = []
 
     # ---- forward -----------------------------------------------------------------------
     def forward(self, x, *args, **kwargs):
@@ -93,36 +94,35 @@ class AdaptedSite(nn.Module):
             return self._forward_mixed(ctx.grouping, x, *args, **kwargs)
         if self._seen_version != ctx.version:
             self._resolve()
-        if self._output_only:
-            out = self.base_layer(x, *args, **kwargs)
-            for d in self._active:
-                out = d(x, out)
-            return out
-        return self._compose(self._active, x, *args, **kwargs)
+        return self._run(self._inputs, self._weights, self._outputs, x, *args, **kwargs)
 
     def _resolve(self) -> None:
-        self._active = [self.deltas[n] for n in self._ctx.active if n in self.deltas and n not in self.merged]
-        self._output_only = all(d.kind == "output" for d in self._active)
+        active = [self.deltas[n] for n in self._ctx.active if n in self.deltas and n not in self.merged]
+        self._inputs, self._weights, self._outputs = self._by_kind(active)
         self._seen_version = self._ctx.version
 
+    @staticmethod
+    def _by_kind(deltas: list[Delta]) -> tuple[list[Delta], list[Delta], list[Delta]]:
+        return ([d for d in deltas if d.kind == "input"], [d for d in deltas if d.kind == "weight"],
+                [d for d in deltas if d.kind == "output"])
+
     def _compose(self, deltas: list[Delta], x, *args, **kwargs):
-        if not deltas:
-            return self.base_layer(x, *args, **kwargs)
+        return self._run(*self._by_kind(deltas), x, *args, **kwargs)
+
+    def _run(self, inputs: list[Delta], weights: list[Delta], outputs: list[Delta], x, *args, **kwargs):
+        """Input-side deltas, then the base (with weight-side overrides), then output-side deltas."""
         h = x
-        for d in deltas:
-            if d.kind == "input":
-                h = d.pre(h)
-        weight_deltas = [d for d in deltas if d.kind == "weight"]
-        if weight_deltas:
+        for d in inputs:
+            h = d.pre(h)
+        if weights:
             params = dict(self.base_layer.named_parameters())
-            for d in weight_deltas:
+            for d in weights:
                 params.update(d.weight_overrides(params))
             out = run_with_params(self.base_layer, params, h, *args, **kwargs)
         else:
             out = self.base_layer(h, *args, **kwargs)
-        for d in deltas:
-            if d.kind == "output":
-                out = d(x, out)
+        for d in outputs:
+            out = d(x, out)
         return out
 
     def _forward_mixed(self, grouping: Grouping, x, *args, **kwargs):
