@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: creates/reuses .venv, installs torch==2.13.0 first
 # (the CPU build; any other spec pulls a multi-GB CUDA build), then the project and its
-# extras, then the Debian data packages. Usage: scripts/setup.sh demo|test [args...]
+# extras, then the Debian data packages. Usage: scripts/setup.sh train|test [args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-test}"; shift || true
@@ -28,13 +28,13 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 stamp=".venv/.unipeft-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     "${PIP[@]}" torch==2.13.0
-    "${PIP[@]}" -e ".[test]"
+    "${PIP[@]}" -e ".[test,kg]"
     touch "$stamp"
 fi
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 case "$what" in
-    demo) exec .venv/bin/unipeft demo "$@" ;;
+    train) exec .venv/bin/unipeft train examples/fortunes_lora.yaml --overwrite "$@" ;;
     test) exec .venv/bin/python -m pytest -q -n 2 --dist loadfile "$@" ;;
-    *) echo "usage: scripts/setup.sh demo|test [args...]" >&2; exit 2 ;;
+    *) echo "usage: scripts/setup.sh train|test [args...]" >&2; exit 2 ;;
 esac

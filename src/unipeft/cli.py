@@ -5,12 +5,20 @@ import argparse
 import importlib
 import sys
 
+from .core.errors import UnipeftError
+
 # verb -> (module, one-line help). Each module defines add_arguments(parser) and run(args) -> int.
 # Modules are imported only when their verb runs, so `unipeft --help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("unipeft.demo", "adapt the offline MiniLM model with LoRA and check merge equivalence"),
     "import": ("unipeft.interop.import_cli", "check an adapter folder of another library (--from peft) and write it"),
     "export": ("unipeft.interop.export_cli", "check a unipeft adapter and write it for another library (--to peft)"),
+    "continual": ("unipeft.continual.cli", "continual learning (SGD, ER, DER++, FPF, k-FPF) on offline benchmarks"),
+    "train": ("unipeft.train.cli_train", "train a method from a YAML run config (accelerate: 1 or N processes)"),
+    "eval": ("unipeft.train.cli_eval", "metrics of a finished run on a split or a data file"),
+    "predict": ("unipeft.train.cli_predict", "label or generation for input texts with a finished run"),
+    "info": ("unipeft.train.cli_info", "trainable-parameter report of a config applied to its model, no training"),
+    "kg": ("unipeft.kg.cli", "complex query answering over knowledge graphs (CQD, CQD^A) on UMLS/Kinships/Nations"),
 }
 
 
@@ -41,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
-    except (UsageError, FileNotFoundError, ValueError, KeyError, TypeError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    except (UsageError, UnipeftError, FileNotFoundError) as exc:
+        # One line: a multi-line message (e.g. a per-module load report) is joined with "; ".
+        msg = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
         print(f"unipeft {args.verb}: error: {msg}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,100 @@
+"""Load a finished run folder (config.yaml + summary.json + adapter/) back into a model for eval/predict."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from ..core.errors import ConfigError
+from ..data.encode import encode_prompt_completion
+from ..data.splits import Splits
+from .config import FULL, RunConfig, build_method_config, config_from_dict
+from .models import load_base_model, load_tokenizer
+from .run import SUMMARY, partial_dir
+
+
+@dataclass
+class LoadedRun:
+    """A trained model with its tokenizer, config and class names."""
+
+    cfg: RunConfig
+    model: nn.Module
+    tokenizer: Any
+    label_names: list[str]
+    summary: dict[str, Any]
+
+
+def load_run(run_dir: str | Path) -> LoadedRun:
+    """Rebuild the base model of a finished run and load its trained weights (eval mode)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / SUMMARY).is_file():
+        hint = (f"; {partial_dir(run_dir)} holds an unfinished run (unipeft train CONFIG --resume)"
+                if partial_dir(run_dir).exists() else "")
+        raise ConfigError(f"{run_dir} is not a finished unipeft run (no {SUMMARY}){hint}")
+    summary = json.loads((run_dir / SUMMARY).read_text())
+    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()), str(run_dir / "config.yaml"))
+    labels = list(summary.get("label_names") or [])
+    tokenizer = load_tokenizer(cfg.model.name)
+    in_features = int(summary.get("in_features") or 0)
+    base = load_base_model(cfg.model, cfg.task, labels, cfg.seed, in_features)
+    if cfg.method_name == FULL:
+        from safetensors.torch import load_file
+
+        from .checkpoint import load_trainable_state
+        from .setup import apply_method
+        model = apply_method(base, cfg, build_method_config(cfg.method))
+        load_trainable_state(model, load_file(str(run_dir / "trainable.safetensors")))
+    else:
+        from ..core.model import AdaptedModel
+        model = AdaptedModel.from_pretrained(base, run_dir / "adapter")
+    return LoadedRun(cfg, model.eval(), tokenizer, labels, summary)
+
+
+@torch.no_grad()
+def classify(run: LoadedRun, texts: list[str], batch_size: int = 32) -> list[tuple[str, float]]:
+    """(label name, probability) of each text."""
+    out: list[tuple[str, float]] = []
+    for s in range(0, len(texts), batch_size):
+        batch = run.tokenizer(texts[s:s + batch_size], truncation=True, max_length=run.cfg.data.max_length,
+                              padding=True, return_tensors="pt")
+        probs = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.softmax(-1)
+        conf, idx = probs.max(-1)
+        out += [(run.label_names[i], float(c)) for i, c in zip(idx.tolist(), conf.tolist())]
+    return out
+
+
+@torch.no_grad()
+def generate(run: LoadedRun, prompts: list[str], max_new_tokens: int = 32) -> list[str]:
+    """Greedy completions of each prompt (causal LM runs)."""
+    tok = run.tokenizer
+    outs = []
+    for prompt in prompts:
+        ids, _ = encode_prompt_completion(tok, prompt, None, run.cfg.data.max_length)
+        x = torch.tensor([ids])
+        gen = run.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tok.pad_token_id)
+        new = gen[0, x.shape[1]:].tolist()
+        eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+        if eos in new:
+            new = new[:new.index(eos)]
+        outs.append(tok.decode(new, skip_special_tokens=True))
+    return outs
+
+
+def eval_splits(run: LoadedRun, data_file: str | None = None) -> Splits:
+    """The run's own data splits, or a single file evaluated as the 'test' split."""
+    from ..data.sources import load_data
+    if data_file is None:
+        return load_data(run.cfg.task, run.cfg.data, run.cfg.data_seed)
+    from ..data.files import read_labeled_texts, read_prompt_completions
+    d = run.cfg.data
+    if run.cfg.task == "classification":
+        data = read_labeled_texts(data_file, d.text_column, d.label_column, d.format, run.label_names)
+    else:
+        data = read_prompt_completions(data_file, d.prompt_column, d.completion_column, d.format)
+    return Splits(data, data, data)

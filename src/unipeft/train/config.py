@@ -1,0 +1,231 @@
+"""The run config of `unipeft train`: sections, defaults, YAML loading and `--key value` overrides."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..core.config import AdapterConfig
+from ..core.errors import ConfigError
+from .schema import check_type, field_types, from_dict, parse_yaml, set_dotted, to_dict, unknown_key_error
+
+TASKS = ("classification", "causal_lm")
+FULL = "full"  # pseudo-method: fine-tune the model's own parameters (all, or those matching `trainable`)
+
+
+@dataclass
+class ModelConfig:
+    """Which pretrained model: the built-in 'minilm', the built-in vector 'mlp', or a local folder."""
+
+    name: str = "minilm"
+    attn_implementation: str | None = None  # e.g. 'eager' or 'sdpa'; None: transformers' default
+    hidden: int = 64  # width of the built-in 'mlp'
+
+
+@dataclass
+class DataConfig:
+    """Where examples come from and how they are tokenized and batched."""
+
+    source: str = "fortunes"  # fortunes | digits | file
+    categories: list[str] | None = None  # fortunes: label order; None: the 8 default topics
+    max_per_category: int | None = None
+    max_chars: int | None = None
+    directory: str | None = None  # fortunes folder (default /usr/share/games/fortunes)
+    split: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
+    seed: int | None = None  # split seed; None: the run's seed
+    train: str | None = None  # file source: paths; valid/test are split off train when absent
+    valid: str | None = None
+    test: str | None = None
+    format: Literal["csv", "jsonl", "text"] | None = None  # None: from the file suffix
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    max_length: int = 128
+    group_by_length: bool = True
+
+
+@dataclass
+class ParamGroupConfig:
+    """Parameters whose name matches `params` (regex search) get their own lr / weight decay."""
+
+    params: str
+    lr: float | None = None
+    lr_scale: float | None = None  # lr = optimizer.lr * lr_scale
+    weight_decay: float | None = None
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW and its parameter groups (first matching group wins; the rest use the defaults)."""
+
+    name: Literal["adamw"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    groups: list[ParamGroupConfig] = field(default_factory=list)
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule after a linear warm-up from 0."""
+
+    name: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int | None = None
+    warmup_ratio: float = 0.0
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs; `unipeft train CONFIG.yaml` reads this from YAML."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: Literal["classification", "causal_lm"] = "classification"
+    data: DataConfig = field(default_factory=DataConfig)
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "lora"})
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    epochs: float | None = 3.0
+    max_steps: int | None = None  # wins over epochs
+    batch_size: int = 16  # examples per optimizer step, over all processes and accumulation steps
+    grad_accum: int = 1  # micro-batches per optimizer step on each process
+    eval_batch_size: int = 64
+    max_grad_norm: float | None = 1.0
+    gradient_checkpointing: bool = False
+    eval_every: int | None = None  # steps; None: at the end of every epoch
+    save_every: int | None = None  # steps between checkpoints (for --resume); None: none
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    threads: int | None = None  # torch CPU threads per process; None: torch's default (all cores)
+    output_dir: str = "runs/unipeft"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check value ranges that types alone do not; raise ConfigError naming the key."""
+        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "eval_batch_size": self.eval_batch_size, "log_every": self.log_every,
+                    "keep_checkpoints": self.keep_checkpoints, "data.max_length": self.data.max_length}
+        for key in ("max_steps", "eval_every", "save_every", "threads"):
+            if getattr(self, key) is not None:
+                positive[key] = getattr(self, key)
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{key}: expected a positive integer, got {value}")
+        if self.max_steps is None and (self.epochs is None or self.epochs <= 0):
+            raise ConfigError("epochs: expected a positive number (or set max_steps)")
+        if self.optimizer.lr <= 0:
+            raise ConfigError(f"optimizer.lr: expected a positive number, got {self.optimizer.lr}")
+        if len(self.optimizer.betas) != 2:
+            raise ConfigError(f"optimizer.betas: expected two numbers, got {self.optimizer.betas}")
+        if not 0.0 <= self.schedule.warmup_ratio < 1.0:
+            raise ConfigError(f"schedule.warmup_ratio: expected 0 <= ratio < 1, got {self.schedule.warmup_ratio}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ConfigError(f"max_grad_norm: expected a positive number or null, got {self.max_grad_norm}")
+        if "name" not in self.method or not isinstance(self.method["name"], str):
+            raise ConfigError("method.name: required, e.g. 'lora' (see `unipeft info --methods`) or 'full'")
+
+    @property
+    def method_name(self) -> str:
+        """The method's registry name ('full' for plain fine-tuning)."""
+        return str(self.method["name"])
+
+    @property
+    def data_seed(self) -> int:
+        """Seed of the data split (data.seed, else the run's seed)."""
+        return self.seed if self.data.seed is None else self.data.seed
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (what config.yaml in the run folder holds)."""
+        return to_dict(self)
+
+
+def method_fields(name: str) -> dict[str, Any]:
+    """{field: type} of a method config ('full' has only `trainable`)."""
+    if name == FULL:
+        return {"trainable": list[str] | None}
+    from ..core.registry import get_method
+    return {k: v for k, v in field_types(get_method(name).config_cls).items() if k != "inference_mode"}
+
+
+def build_method_config(method: dict[str, Any]) -> AdapterConfig | dict[str, Any]:
+    """The AdapterConfig the `method` section describes (type-checked), or the 'full' options dict."""
+    name = method["name"]
+    fields = method_fields(name)
+    kwargs: dict[str, Any] = {}
+    for key, value in method.items():
+        if key == "name":
+            continue
+        if key not in fields:
+            raise unknown_key_error("method", key, ["name", *fields])
+        kwargs[key] = check_type(value, fields[key], f"method.{key}")
+    if name == FULL:
+        return kwargs
+    from ..core.registry import get_method
+    return get_method(name).config_cls(**kwargs)
+
+
+def config_from_dict(data: Any, source: str = "config") -> RunConfig:
+    """Build and validate a RunConfig from a parsed YAML mapping."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (model, task, data, method, ...), "
+                          f"got {type(data).__name__}")
+    data = dict(data)
+    if isinstance(data.get("model"), str):
+        data["model"] = {"name": data["model"]}
+    if isinstance(data.get("method"), str):
+        data["method"] = {"name": data["method"]}
+    if "method" in data and isinstance(data["method"], dict):
+        build_method_config(data["method"])  # unknown keys / bad types fail here, with the method's field names
+    return from_dict(RunConfig, data)
+
+
+def parse_overrides(tokens: list[str]) -> list[tuple[str, Any]]:
+    """`--a.b value` / `--a.b=value` pairs; values are read as YAML scalars (numbers, lists, null)."""
+    pairs: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--") or len(tok) < 3:
+            raise ConfigError(f"override {tok!r}: expected --key value (e.g. --epochs 1 --method.r 4)")
+        key, eq, value = tok[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(tokens):
+                raise ConfigError(f"override --{key}: missing value")
+            value = tokens[i + 1]
+            i += 1
+        pairs.append((key, parse_yaml(value, f"override --{key}")))
+        i += 1
+    return pairs
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A copy of `data` with the overrides set; unknown top-level keys get a suggestion."""
+    out = dict(data)
+    sections = [f.name for f in dataclasses.fields(RunConfig)]
+    for key, value in overrides:
+        top = key.split(".")[0]
+        if top not in sections:
+            raise unknown_key_error("", top, sections)
+        if isinstance(out.get(top), dict):
+            out[top] = dict(out[top])
+        set_dotted(out, key, value)
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read CONFIG.yaml, apply `--key value` overrides, and validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    data = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    data = apply_overrides(data or {}, parse_overrides(overrides or []))
+    return config_from_dict(data, str(path))

@@ -1,0 +1,154 @@
+"""`train_run`: one complete run, written atomically.
+
+The run is built in `<output_dir>.partial/` (config.yaml, metrics.jsonl, checkpoints/) and
+renamed to `<output_dir>` only once the adapter, the test metrics and summary.json are
+written, so a crashed run never looks complete. Every input is validated (config, data,
+model, targets, optimizer groups) before anything is written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..core.errors import ConfigError
+from .callbacks import TrainerCallback
+from .checkpoint import list_checkpoints
+from .config import FULL, RunConfig
+from .setup import RunParts, build_parts
+
+SUMMARY = "summary.json"
+
+
+def partial_dir(output_dir: str | Path) -> Path:
+    """Where a run in progress (or a crashed one, for --resume) lives."""
+    out = Path(output_dir)
+    return out.with_name(out.name + ".partial")
+
+
+def make_accelerator() -> Any:
+    """An Accelerator for this launch (single process, or torchrun/accelerate launch with DDP)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ConfigError(f"{acc.distributed_type.value} launches are not supported yet (saving sharded adapter "
+                          f"and optimizer state is not implemented); launch plain DDP instead")
+    return acc
+
+
+def _check_output(cfg: RunConfig, resume: bool, overwrite: bool) -> Path | None:
+    """Refuse to clobber finished or crashed runs by accident; return the checkpoint to resume from."""
+    out, part = Path(cfg.output_dir), partial_dir(cfg.output_dir)
+    if resume:
+        if out.exists() and (out / SUMMARY).exists():
+            raise ConfigError(f"output_dir {out} already holds a finished run; nothing to resume")
+        ckpts = list_checkpoints(part / "checkpoints")
+        if not ckpts:
+            raise ConfigError(f"--resume: no checkpoint in {part}/checkpoints (set save_every to write them)")
+        saved = yaml.safe_load((part / "config.yaml").read_text())
+        changed = sorted(k for k in set(saved) | set(cfg.to_dict()) if saved.get(k) != cfg.to_dict().get(k))
+        if changed:
+            raise ConfigError(f"--resume: the config differs from the interrupted run's in {changed}; "
+                              f"resume with the same config (see {part}/config.yaml)")
+        return ckpts[-1]
+    if out.exists() and not overwrite:
+        raise ConfigError(f"output_dir {out} already exists; pass --overwrite or choose another output_dir")
+    if part.exists() and not overwrite:
+        raise ConfigError(f"{part} holds an interrupted run; pass --resume to continue it or --overwrite to "
+                          f"start over")
+    return None
+
+
+def _save_final(parts: RunParts, model: Any, run_dir: Path) -> None:
+    """The trained weights: PEFT-format adapter/ for adapter methods, trainable.safetensors for 'full'."""
+    if parts.cfg.method_name == FULL:
+        from safetensors.torch import save_file
+
+        from .checkpoint import trainable_state
+        save_file(trainable_state(model), str(run_dir / "trainable.safetensors"))
+    else:
+        model.save_pretrained(run_dir / "adapter")
+
+
+def _silent(*_: Any) -> None:
+    """The log function of non-main processes."""
+
+
+def train_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, show_progress: bool = True,
+              callbacks: list[TrainerCallback] | None = None, log: Any = print) -> dict[str, Any]:
+    """Train `cfg` end to end and return the run summary (also written to <output_dir>/summary.json)."""
+    from ..core.report import trainable_report
+    from .optim import build_optimizer, build_scheduler
+    from .callbacks import method_param_groups
+    from .trainer import Trainer, total_steps
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    acc = make_accelerator()
+    if not acc.is_main_process:
+        log = _silent
+    checkpoint = _check_output(cfg, resume, overwrite)
+    parts = build_parts(cfg)
+    train_set, valid_set, test_set = parts.encode("train"), parts.encode("valid"), parts.encode("test")
+    optimizer = build_optimizer(parts.model, cfg.optimizer, method_param_groups(parts.model))
+    report = trainable_report(parts.model)
+    out, run_dir = Path(cfg.output_dir), partial_dir(cfg.output_dir)
+    scheduler = build_scheduler(optimizer, cfg.schedule, total_steps(cfg, len(train_set), acc.num_processes))
+    trainer = Trainer(parts.model, cfg, train_set, valid_set, optimizer, scheduler, acc, parts.pad_id,
+                      len(parts.label_names), callbacks, run_dir, show_progress)
+    # ---- validated: from here on files are written ----
+    acc.wait_for_everyone()
+    if acc.is_main_process and checkpoint is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    acc.wait_for_everyone()
+    if checkpoint is not None:
+        trainer.resume(checkpoint)
+        log(f"resuming from {checkpoint.name} (step {trainer.state.step} of {trainer.max_steps})")
+    log(f"{report.summary()}\ntrain/valid/test examples: {len(train_set)}/{len(valid_set)}/{len(test_set)}; "
+        f"{trainer.max_steps} steps of {cfg.batch_size} on {acc.num_processes} process(es)")
+    try:
+        state = trainer.fit()
+    except BaseException:
+        # A run that dies before its first checkpoint cannot be resumed: leave nothing behind.
+        if acc.is_main_process and checkpoint is None and not list_checkpoints(run_dir / "checkpoints"):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    test = trainer.evaluate(test_set) if len(test_set) else {}
+    summary = {
+        "status": "complete", "task": cfg.task, "model": cfg.model.name, "method": cfg.method_name,
+        "label_names": parts.label_names,
+        "in_features": int(parts.splits.train.features.shape[1]) if hasattr(parts.splits.train, "features") else None,
+        "steps": state.step, "epochs": state.step / trainer.steps_per_epoch,
+        "examples": {"train": len(train_set), "valid": len(valid_set), "test": len(test_set)},
+        "trainable_params": report.trainable, "total_params": report.total,
+        "trainable_percent": report.percent, "valid": state.last_eval, "test": test,
+        "train_seconds": state.train_seconds, "samples_per_second": state.samples / max(1e-9, state.train_seconds),
+        "wall_seconds_this_process": time.perf_counter() - started, "world_size": acc.num_processes,
+        "seed": cfg.seed, "resumed": checkpoint is not None,
+    }
+    if acc.is_main_process:
+        trainer.log.write({"step": state.step, "split": "test", **test})
+        _save_final(parts, acc.unwrap_model(trainer.model), run_dir)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        if out.exists():  # --overwrite: swap in the new run, then drop the old one
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(run_dir, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(run_dir, out)
+    acc.wait_for_everyone()
+    return summary
