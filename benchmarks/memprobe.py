@@ -30,8 +30,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
 
+    import os
+
     import torch
 
+    torch.set_num_threads(int(os.environ.get("UNIPEFT_BENCH_THREADS", torch.get_num_threads())))
     from .models import batch, loss_of
     from .peft_suite import adapted, bound_step
 

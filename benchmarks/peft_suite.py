@@ -3,6 +3,7 @@ adapter injection/loading and merging. Every figure is a ratio (ours vs peer vs 
 from __future__ import annotations
 
 import copy
+import statistics
 import tempfile
 import time
 
@@ -134,7 +135,20 @@ def mixed_batch_rows(model: str, size: int, seq: int, n_adapters: int, repeat: i
     return [{"row": "mixed_batch", "model": model, "batch": size, "seq": seq, "adapters": n_adapters,
              "seconds": t, "unipeft_throughput_over_peft": t["peft_mixed"] / t["unipeft_mixed"],
              "unipeft_mixed_over_single": t["unipeft_mixed"] / t["unipeft_single"],
-             "peft_mixed_over_single": t["peft_mixed"] / t["peft_single"]}]
+             "peft_mixed_over_single": t["peft_mixed"] / t["peft_single"],
+             # the cost of mixing itself (mixed minus single-adapter time), which is what a library controls
+             "unipeft_mixing_cost_over_peft": _ratio(t["unipeft_mixed"] - t["unipeft_single"],
+                                                     t["peft_mixed"] - t["peft_single"])}]
+
+
+def _ratio(a: float, b: float) -> float | None:
+    """a / b, or None when b is not positive (a difference of medians can be noise-level)."""
+    return a / b if b > 0 else None
+
+
+def _around(times: dict[int, float], k: int, half: int = 2) -> float:
+    """Median time of the adapters k-half..k+half: one ~ms call is too noisy to compare alone."""
+    return statistics.median(t for j, t in times.items() if abs(j - k) <= half)
 
 
 def inject_load_rows(model: str, n: int, marks: tuple[int, ...]) -> list[dict]:
@@ -154,7 +168,7 @@ def inject_load_rows(model: str, n: int, marks: tuple[int, ...]) -> list[dict]:
                 t0 = time.perf_counter()
                 load.load_adapter(tmp, f"x{k}")
                 load_t[k] = time.perf_counter() - t0
-            out[lib] = {"inject": {m: inject_t[m] for m in marks}, "load": {m: load_t[m] for m in marks}}
+            out[lib] = {"inject": {m: _around(inject_t, m) for m in marks}, "load": {m: _around(load_t, m) for m in marks}}
     first, last = marks[0], marks[-1]
     return [{"row": "inject_load", "model": model, "marks": list(marks), "seconds": out,
              "unipeft_last_over_first": {op: out["unipeft"][op][last] / out["unipeft"][op][first]

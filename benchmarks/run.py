@@ -23,8 +23,14 @@ SUITES = {
 }
 
 
-def run(suite: str, out_dir: Path | None = None) -> Path:
-    """Run every row of `suite` and write its JSON and markdown table."""
+def run(suite: str, out_dir: Path | None = None, threads: int = 1) -> Path:
+    """Run every row of `suite` with `threads` torch threads and write its JSON and markdown table."""
+    # One thread by default: the figures are ratios, and one thread keeps them stable on a shared machine.
+    # Children (memory probes) inherit it through the environment.
+    os.environ["OMP_NUM_THREADS"] = os.environ["UNIPEFT_BENCH_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
     from . import peft_suite as s
     from .common import RESULTS, versions, write_results
     from .table import markdown
@@ -32,7 +38,7 @@ def run(suite: str, out_dir: Path | None = None) -> Path:
     cfg = SUITES[suite]
     marks = (1, 10, 50) if cfg["n_inject"] >= 50 else (2, cfg["n_inject"])
     rows: list[dict] = []
-    t0 = time.time()
+    t0, load0 = time.time(), os.getloadavg()
     for model in cfg["models"]:
         print(f"[{suite}] {model}: training rows", flush=True)
         rows += s.training_rows(model, cfg["size"], cfg["seq"], cfg["repeat"], cfg["memory"])
@@ -43,7 +49,7 @@ def run(suite: str, out_dir: Path | None = None) -> Path:
         rows += s.inject_load_rows(model, cfg["n_inject"], tuple(m if m > 1 else 2 for m in marks))
         rows += s.merge_rows(model, cfg["seq"])
     payload = {"suite": suite, "config": cfg, "versions": versions(), "rows": rows,
-               "wall_seconds": round(time.time() - t0, 1)}
+               "wall_seconds": round(time.time() - t0, 1), "load_average_at_start_and_end": [load0, os.getloadavg()]}
     return write_results(f"peft_{suite}", payload, markdown(payload), out_dir or RESULTS)
 
 
@@ -52,8 +58,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for every measurement (default 1)")
     args = parser.parse_args()
-    print(f"wrote {run(args.suite, args.out)}")
+    print(f"wrote {run(args.suite, args.out, args.threads)}")
 
 
 if __name__ == "__main__":

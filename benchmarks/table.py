@@ -36,8 +36,11 @@ def markdown(payload: dict) -> str:
         out += ["## Mixed-adapter batches", "",
                 "| model | batch | adapters | unipeft throughput / peft | unipeft mixed / single (time) | peft mixed / single |",
                 "|---|---|---|---|---|---|"]
+        out[-2] += " mixing cost unipeft / peft |"
+        out[-1] += "---|"
         out += [f"| {r['model']} | {r['batch']} | {r['adapters']} | {_r(r['unipeft_throughput_over_peft'])} | "
-                f"{_r(r['unipeft_mixed_over_single'])} | {_r(r['peft_mixed_over_single'])} |" for r in mixed]
+                f"{_r(r['unipeft_mixed_over_single'])} | {_r(r['peft_mixed_over_single'])} | "
+                f"{_r(r.get('unipeft_mixing_cost_over_peft'))} |" for r in mixed]
         out.append("")
     inj = [r for r in rows if r["row"] == "inject_load"]
     if inj:
@@ -55,4 +58,36 @@ def markdown(payload: dict) -> str:
                 "|---|---|---|"]
         out += [f"| {r['model']} | {_r(r['unipeft_over_peft'])} | {r['max_abs_deviation']['unipeft']:.1e}, "
                 f"{r['max_abs_deviation']['peft']:.1e} |" for r in merge]
+        out.append("")
+    out += targets(rows)
+    if payload.get("findings"):
+        out += ["## Profiling findings", ""] + [f"- {f}" for f in payload["findings"]]
     return "\n".join(out)
+
+
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "missed")
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """The issue's targets, each with the figure it is judged on."""
+    out = ["## Targets", "", "| target | figure | verdict |", "|---|---|---|"]
+    for r in rows:
+        if r["row"] == "train_step":
+            x = r["unipeft_over_peft"]
+            out.append(f"| {r['model']} {r['method']} training step no slower than peft | time ratio {x:.2f} "
+                       f"| {_verdict(x <= 1.0)}{' (within 5%)' if 1.0 < x <= 1.05 else ''} |")
+        elif r["row"] == "inference_overhead":
+            x = r["unipeft_overhead_over_peft"]
+            out.append(f"| {r['model']} batch {r['batch']} unmerged overhead <= half of peft's | "
+                       f"{100 * r['overhead']['unipeft']:.1f}% vs {100 * r['overhead']['peft']:.1f}% "
+                       f"| {_verdict(None if x is None else x <= 0.5)} |")
+        elif r["row"] == "mixed_batch":
+            x = r["unipeft_throughput_over_peft"]
+            out.append(f"| {r['model']} mixed-batch throughput >= 2x peft | {x:.2f}x | {_verdict(x >= 2.0)} |")
+        elif r["row"] == "inject_load":
+            u = r["unipeft_last_over_first"]
+            ok = max(u["inject"], u["load"]) <= 1.25  # single-shot timings of ~ms operations: 25% noise band
+            out.append(f"| {r['model']} k-th adapter injects/loads as fast as the first | last/first "
+                       f"{u['inject']:.2f}, {u['load']:.2f} | {_verdict(ok)} |")
+    return out
