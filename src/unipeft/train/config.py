@@ -27,7 +27,7 @@ class ModelConfig:
 class DataConfig:
     """Where examples come from and how they are tokenized and batched."""
 
-    source: str = "fortunes"  # fortunes | digits | file
+    source: Literal["fortunes", "digits", "file"] = "fortunes"
     categories: list[str] | None = None  # fortunes: label order; None: the 8 default topics
     max_per_category: int | None = None
     max_chars: int | None = None
@@ -148,7 +148,12 @@ def method_fields(name: str) -> dict[str, Any]:
     """{field: type} of a method config ('full' has only `trainable`)."""
     if name == FULL:
         return {"trainable": list[str] | None}
-    from ..core.registry import get_method
+    from ..core.registry import get_method, public_methods
+    known = sorted(public_methods()) + [FULL]
+    if name not in known:
+        from .schema import suggest
+        raise ConfigError(f"method.name: unknown method {name!r}{suggest(name, known)} "
+                          f"(`unipeft info --methods` lists them)")
     return {k: v for k, v in field_types(get_method(name).config_cls).items() if k != "inference_mode"}
 
 
@@ -182,6 +187,8 @@ def config_from_dict(data: Any, source: str = "config") -> RunConfig:
     if isinstance(data.get("method"), str):
         data["method"] = {"name": data["method"]}
     if "method" in data and isinstance(data["method"], dict):
+        if not isinstance(data["method"].get("name"), str):
+            raise ConfigError("method.name: required, e.g. 'lora' (see `unipeft info --methods`) or 'full'")
         build_method_config(data["method"])  # unknown keys / bad types fail here, with the method's field names
     return from_dict(RunConfig, data)
 

@@ -34,18 +34,18 @@ def parse_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
 
 
-def suggest(key: str, valid: list[str]) -> str:
-    """' (did you mean 'x'?)' for the closest valid key, or a list of valid keys."""
+def suggest(key: str, valid: list[str], where: str = "") -> str:
+    """'; did you mean 'where.x'?' for the closest valid key, or the list of valid keys."""
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     if close:
-        return f"; did you mean '{close[0]}'?"
+        return f"; did you mean '{where + '.' if where else ''}{close[0]}'?"
     return f"; valid keys: {', '.join(sorted(valid))}"
 
 
 def unknown_key_error(where: str, key: str, valid: list[str]) -> ConfigError:
     """The error for a key that is not part of a config section."""
     name = f"{where}.{key}" if where else key
-    return ConfigError(f"unknown config key '{name}'{suggest(key, valid)}")
+    return ConfigError(f"unknown config key '{name}'{suggest(key, valid, where)}")
 
 
 def _type_name(tp: Any) -> str:
@@ -80,7 +80,10 @@ def check_type(value: Any, tp: Any, where: str) -> Any:
     if origin is typing.Literal:
         if value in typing.get_args(tp):
             return value
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {_show(value)}")
+        options = [a for a in typing.get_args(tp) if isinstance(a, str)]
+        close = difflib.get_close_matches(str(value), options, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {_show(value)}{hint}")
     if origin is list:
         (item,) = typing.get_args(tp) or (Any,)
         if not isinstance(value, list):
