@@ -10,7 +10,6 @@ from .core.errors import UnipeftError
 # verb -> (module, one-line help). Each module defines add_arguments(parser) and run(args) -> int.
 # Modules are imported only when their verb runs, so `unipeft --help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("unipeft.demo", "adapt the offline MiniLM model with LoRA and check merge equivalence"),
     "import": ("unipeft.interop.import_cli", "check an adapter folder of another library (--from peft) and write it"),
     "export": ("unipeft.interop.export_cli", "check a unipeft adapter and write it for another library (--to peft)"),
     "continual": ("unipeft.continual.cli", "continual learning (SGD, ER, DER++, FPF, k-FPF) on offline benchmarks"),
@@ -26,23 +25,26 @@ class UsageError(Exception):
     """Bad user input: printed as one line, exit code 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the top-level parser with one sub-parser per verb."""
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only `verb`'s module is imported to add its arguments (fast, and a verb
+    whose optional dependencies are missing cannot break the others)."""
     parser = argparse.ArgumentParser(
         prog="unipeft",
         description="Parameter-efficient adaptation of frozen pretrained models.",
     )
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    for verb, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(verb, help=help_text, description=help_text)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+        if name == verb:
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse argv, run the verb, map user errors to exit code 2."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(next((a for a in argv if a in COMMANDS), None))
     args = parser.parse_args(argv)
     if not getattr(args, "verb", None):
         parser.print_help()
