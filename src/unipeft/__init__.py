@@ -3,9 +3,13 @@ from .core import (AdaptedModel, AdapterConfig, AdapterLoadError, Capabilities, 
                    TargetError, UnipeftError, adapt, capability_table, get_method, public_methods, register,
                    trainable_report)
 from .methods import BitFitConfig, IA3Config, LNTuningConfig, LoraConfig
+from .methods import (DiffPruningConfig, HftConfig, LisaConfig, S2ftConfig, SaraConfig, SpielConfig, SptConfig,
+                      TrainingHooks, spt_adapt)
 
 __version__ = "0.1.0"
 
 __all__ = ["AdaptedModel", "AdapterConfig", "AdapterLoadError", "BitFitConfig", "Capabilities", "ConfigError",
            "Delta", "IA3Config", "LNTuningConfig", "LoraConfig", "MergeError", "TargetError", "UnipeftError",
            "adapt", "capability_table", "get_method", "public_methods", "register", "trainable_report"]
+__all__ += ["DiffPruningConfig", "HftConfig", "LisaConfig", "S2ftConfig", "SaraConfig", "SpielConfig", "SptConfig",
+            "TrainingHooks", "spt_adapt"]

@@ -158,6 +158,8 @@ OVERRIDES: dict[str, Overrides] = {
     "lora": lambda kind, targets: {"r": 2, "alpha": 4},
     # Every other target scales its input (feed-forward form), the rest their output.
     "ia3": lambda kind, targets: {"feedforward_modules": targets[1::2]},
+    # SPT: every other target falls back to LoRA, so both of its delta forms are covered.
+    "spt": lambda kind, targets: {"lora_modules": targets[1::2], "lora_r": 2},
 }
 
 # Methods whose freshly created adapter is NOT the identity; every other method must be.

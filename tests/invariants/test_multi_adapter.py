@@ -11,7 +11,7 @@ from .cases import (HEADS, adapt_case, adapter_params, build_model, candidate_ta
 
 # Cases whose adapters compose additively/multiplicatively on one site, so that stacking two
 # equals merging one and applying the other (full copies replace each other; DoRA renormalises).
-COMMUTING = {"lora", "ia3", "bitfit"}
+COMMUTING = {"lora", "ia3", "bitfit", "sara", "spiel", "spt", "lisa", "hft", "s2ft", "diff_pruning"}
 
 
 def _two(case, kind, targets_a=None, targets_b=None):

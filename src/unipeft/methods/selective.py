@@ -1,0 +1,182 @@
+"""Layer-wise selective fine-tuning: LISA (a few sampled layers per period) and HFT (half the matrices per round).
+
+Both train a dense additive update dW of each target matrix (zero at the start, so merging is
+the generic W + dW) and decide by callback which updates train in each period: the others get
+requires_grad=False and their optimizer state is dropped, so gradients and optimizer moments
+exist only for the active part and the frozen updates stay bit-identical through the period.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.config import AdapterConfig
+from ..core.delta import Delta
+from ..core.errors import ConfigError, TargetError
+from ..core.registry import Capabilities, register
+from ..core.targets import layer_index
+from ..train.callbacks import TrainContext, TrainerCallback
+from ._sparse import SPARSE_LAYERS, reset_optimizer_state, weight_2d
+
+
+class DenseDelta(Delta):
+    """out = base(x) + x @ dW^T with a dense trainable dW (out x in), zero at the start."""
+
+    kind = "output"
+    prefix = "dense"
+
+    def __init__(self, base: nn.Module, config, path: str) -> None:
+        super().__init__(base, config, path)
+        if not isinstance(base, SPARSE_LAYERS):
+            raise TargetError(f"{type(config).__name__}: module '{path}' is a {type(base).__name__}; supported: "
+                              f"Linear and GPT-2 Conv1D layers")
+        w = weight_2d(base)
+        self.transposed = not isinstance(base, nn.Linear)
+        self.weight = nn.Parameter(torch.zeros(w.shape, dtype=torch.float32, device=w.device))
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        h = x if x.dtype == self.weight.dtype else x.to(self.weight.dtype)
+        return base_out + F.linear(h, self.weight).to(base_out.dtype)
+
+    def delta_weight(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight.T if self.transposed else self.weight}
+
+    def saved_key(self, key: str) -> str:
+        return f"{self.prefix}_{key}"
+
+
+def _check_positive_int(cls: str, name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{cls}.{name}: expected a positive integer, got {value!r}")
+
+
+def layer_groups(deltas: list[Delta], layers_pattern) -> dict[int | None, list[Delta]]:
+    """Deltas by the layer index in their path (None: outside the layer stack)."""
+    groups: dict[int | None, list[Delta]] = {}
+    for d in deltas:
+        groups.setdefault(layer_index(d.path, layers_pattern), []).append(d)
+    return groups
+
+
+class _PeriodicSelection(TrainerCallback):
+    """At the start of every `interval` steps choose the deltas that train during that period."""
+
+    def __init__(self, model, adapter_name: str, config, cls: type) -> None:
+        self.model, self.name, self.config, self.cls = model, adapter_name, config, cls
+        self.active: list[str] = []  # paths of the deltas training in the current period
+
+    def deltas(self) -> list[Delta]:
+        """This adapter's deltas of the method's class, in site order."""
+        return [s.deltas[self.name] for s in self.model.sites()
+                if self.name in s.deltas and isinstance(s.deltas[self.name], self.cls)]
+
+    def choose(self, deltas: list[Delta], period: int) -> set[str]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def on_step_begin(self, ctx: TrainContext) -> None:
+        if ctx.step % self.config.interval != 0 and self.active:
+            return
+        period = ctx.step // self.config.interval
+        deltas = self.deltas()
+        chosen = self.choose(deltas, period)
+        for d in deltas:
+            on = d.path in chosen
+            if not on:
+                reset_optimizer_state(ctx.optimizer, d.parameters())
+            d.requires_grad_(on)
+        self.active = sorted(chosen)
+
+    def on_train_end(self, ctx: TrainContext) -> None:
+        for d in self.deltas():  # back to the adapter's normal state: every update trainable
+            d.requires_grad_(True)
+        self.active = []
+
+
+@dataclass
+class LisaConfig(AdapterConfig):
+    """LISA: every `interval` steps, `n_layers` randomly sampled layers train; the other layers are frozen.
+
+    Targets outside the numbered layer stack (e.g. a pooler) train throughout, as LISA always
+    trains the embeddings and the head.
+    """
+
+    peft_type = "LISA"
+
+    n_layers: int = 2
+    interval: int = 20
+    seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        _check_positive_int("LisaConfig", "n_layers", self.n_layers)
+        _check_positive_int("LisaConfig", "interval", self.interval)
+
+    def training_callbacks(self, model, adapter_name: str) -> list[TrainerCallback]:
+        """Layer sampling at the start of every period."""
+        return [LisaCallback(model, adapter_name, self, LisaDelta)]
+
+
+class LisaDelta(DenseDelta):
+    """Dense update of one matrix, saved as `<path>.lisa_weight`."""
+
+    prefix = "lisa"
+
+
+class LisaCallback(_PeriodicSelection):
+    """Samples `n_layers` layers per period (a pure function of seed and period, so resuming is exact)."""
+
+    def choose(self, deltas: list[Delta], period: int) -> set[str]:
+        groups = layer_groups(deltas, self.config.layers_pattern)
+        layers = sorted(k for k in groups if k is not None)
+        g = torch.Generator().manual_seed(self.config.seed * 7_919 + period)
+        picked = [layers[i] for i in torch.randperm(len(layers), generator=g)[:self.config.n_layers].tolist()]
+        return {d.path for k in [None, *picked] for d in groups.get(k, [])}
+
+
+@dataclass
+class HftConfig(AdapterConfig):
+    """Half Fine-Tuning: every `interval` steps, half of the target matrices of each layer train, half stay frozen."""
+
+    peft_type = "HFT"
+
+    interval: int = 50
+    seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        _check_positive_int("HftConfig", "interval", self.interval)
+
+    def training_callbacks(self, model, adapter_name: str) -> list[TrainerCallback]:
+        """Re-draws the trained half at the start of every round."""
+        return [HftCallback(model, adapter_name, self, HftDelta)]
+
+
+class HftDelta(DenseDelta):
+    """Dense update of one matrix, saved as `<path>.hft_weight`."""
+
+    prefix = "hft"
+
+
+class HftCallback(_PeriodicSelection):
+    """Per layer, exactly half of the matrices (odd counts: the extra one every other round)."""
+
+    def choose(self, deltas: list[Delta], period: int) -> set[str]:
+        chosen: set[str] = set()
+        g = torch.Generator().manual_seed(self.config.seed * 7_919 + period)
+        for _, group in sorted(layer_groups(deltas, self.config.layers_pattern).items(),
+                               key=lambda kv: -1 if kv[0] is None else kv[0]):
+            n = len(group) // 2 + (len(group) % 2) * (period % 2)
+            chosen |= {group[i].path for i in torch.randperm(len(group), generator=g)[:n].tolist()}
+        return chosen
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+
+_CAPS = Capabilities(mergeable=True, mixed_batch=True, layer_types=SPARSE_LAYERS)
+register("lisa", LisaConfig, _CAPS)(LisaDelta)
+register("hft", HftConfig, _CAPS)(HftDelta)
