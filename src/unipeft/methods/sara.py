@@ -63,10 +63,10 @@ class SaraDelta(SparseDelta):
 
     def reselect(self, round_index: int, optimizer=None) -> None:
         """Freeze the trained values, then select the smallest |W + dW| entries anew (values from zero)."""
-        self.freeze_round(round_index)
-        with torch.no_grad():
+        with torch.no_grad():  # W + dW before the values move into the frozen round (not counted twice)
             current = weight_2d(self.base).to(self.values.dtype) + self.dense_delta()
             flat = lowest_magnitude(current, self.values.numel())
+        self.freeze_round(round_index)
         self.set_selection(flat, None, optimizer)
         if optimizer is not None:  # the new entries have no history: restart their moments
             for t in optimizer.state.get(self.values, {}).values():
