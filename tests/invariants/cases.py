@@ -23,6 +23,7 @@ from transformers.pytorch_utils import Conv1D
 
 import unipeft as up
 from unipeft.core.site import AdaptedSite
+from unipeft.kg.complex import LinkPredictor
 
 VOCAB = 64
 ROWS = 5
@@ -80,7 +81,22 @@ class EmbGPT(nn.Module):
         return self.norm(h + self.down(self.act(self.up(h))))
 
 
-MODEL_KINDS = ("mlp", "conv", "embgpt", "bert", "gpt2", "llama")
+KG_ENTITIES, KG_RELATIONS = 9, 4
+
+
+class KGToy(LinkPredictor):
+    """A tiny ComplEx link predictor (x = (head, relation) rows -> scores of every tail), plus an
+    unused `dropout` module: the unsupported layer the bad-config tests try to target."""
+
+    def __init__(self) -> None:
+        super().__init__(KG_ENTITIES, KG_RELATIONS, rank=3)
+        self.dropout = nn.Dropout(0.0)
+        with torch.no_grad():  # ComplEx starts near zero: give the scores some spread
+            self.scorer.entity.normal_(0, 1.0)
+            self.scorer.relation.normal_(0, 1.0)
+
+
+MODEL_KINDS = ("mlp", "conv", "embgpt", "bert", "gpt2", "llama", "kg")
 # The module used for modules_to_save (a task head); gpt2's lm_head is tied to wte, so none.
 HEADS = {"mlp": "fc2", "conv": "head", "bert": "classifier", "llama": "lm_head"}
 
@@ -106,6 +122,8 @@ def build_model(kind: str, seed: int = 0) -> nn.Module:
             vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
             intermediate_size=24, max_position_embeddings=16, attention_bias=True, bos_token_id=0,
             eos_token_id=0, pad_token_id=0))
+    elif kind == "kg":
+        model = KGToy()
     else:
         raise ValueError(kind)
     return model.eval()
@@ -118,6 +136,9 @@ def make_batch(kind: str, seed: int = 1, rows: int = ROWS) -> dict[str, torch.Te
         return {"x": torch.randn(rows, 8, generator=g)}
     if kind == "conv":
         return {"x": torch.randn(rows, 3, 16, generator=g)}
+    if kind == "kg":
+        return {"x": torch.stack([torch.randint(0, KG_ENTITIES, (rows,), generator=g),
+                                  torch.randint(0, KG_RELATIONS, (rows,), generator=g)], 1)}
     ids = torch.randint(1, VOCAB, (rows, SEQ), generator=g)
     if kind == "bert":
         mask = torch.ones(rows, SEQ, dtype=torch.long)
