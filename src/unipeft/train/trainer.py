@@ -38,6 +38,22 @@ def total_steps(cfg: Any, n_train: int, world_size: int = 1) -> int:
     return cfg.max_steps or max(1, math.ceil(cfg.epochs * (n_train // cfg.batch_size)))
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in the backward pass (transformers models); ConfigError for other models."""
+    from ..core.errors import ConfigError
+
+    # transformers >= 5 renamed gradient_checkpointing_enable (now a deprecated alias).
+    for name, key in (("activation_checkpointing_enable", "activation_checkpointing_kwargs"),
+                      ("gradient_checkpointing_enable", "gradient_checkpointing_kwargs")):
+        enable = getattr(model, name, None)
+        if callable(enable):
+            # non-reentrant: works with a frozen base whose inputs need no grad (adapter training)
+            enable(**{key: {"use_reentrant": False}})
+            return
+    raise ConfigError(f"gradient_checkpointing: {type(model).__name__} does not support it "
+                      f"(transformers models do); set gradient_checkpointing: false")
+
+
 @dataclass
 class LoopState:
     """Where the loop is: saved in checkpoints and restored by --resume."""
@@ -73,10 +89,7 @@ class Trainer:
         self.ctx = TrainContext(model, self.optimizer, max_steps=self.max_steps, rank=accelerator.process_index,
                                 world_size=accelerator.num_processes)
         if cfg.gradient_checkpointing:
-            enable = getattr(model, "gradient_checkpointing_enable", None)
-            if not callable(enable):
-                raise DataError("gradient_checkpointing: this model does not support it (transformers models do)")
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
 
     # ---- one optimizer step ---------------------------------------------------------------
     def _step(self, batch: list[int]) -> tuple[float, float | None]:
