@@ -48,11 +48,14 @@ def _check_output(cfg: RunConfig, resume: bool, overwrite: bool) -> Path | None:
     """Refuse to clobber finished or crashed runs by accident; return the checkpoint to resume from."""
     out, part = Path(cfg.output_dir), partial_dir(cfg.output_dir)
     if resume:
-        if out.exists() and (out / SUMMARY).exists():
-            raise ConfigError(f"output_dir {out} already holds a finished run; nothing to resume")
         ckpts = list_checkpoints(part / "checkpoints")
         if not ckpts:
-            raise ConfigError(f"--resume: no checkpoint in {part}/checkpoints (set save_every to write them)")
+            done = " (output_dir holds a finished run)" if (out / SUMMARY).exists() else ""
+            raise ConfigError(f"--resume: no checkpoint in {part}/checkpoints{done}; checkpoints are written "
+                              f"every save_every steps")
+        if out.exists() and not overwrite:
+            raise ConfigError(f"--resume: output_dir {out} exists too; add --overwrite to replace it when the "
+                              f"resumed run finishes")
         saved = yaml.safe_load((part / "config.yaml").read_text())
         changed = sorted(k for k in set(saved) | set(cfg.to_dict()) if saved.get(k) != cfg.to_dict().get(k))
         if changed:
@@ -76,6 +79,39 @@ def _save_final(parts: RunParts, model: Any, run_dir: Path) -> None:
         save_file(trainable_state(model), str(run_dir / "trainable.safetensors"))
     else:
         model.save_pretrained(run_dir / "adapter")
+
+
+def _finish(trainer: Any, parts: RunParts, cfg: RunConfig, report: Any, state: Any, test_set: Any, acc: Any,
+            resumed: bool, started: float) -> dict[str, Any]:
+    """Evaluate on test, write adapter + summary into the .partial folder, then rename it to output_dir."""
+    test = trainer.evaluate(test_set) if len(test_set) else {}
+    summary = {
+        "status": "complete", "task": cfg.task, "model": cfg.model.name, "method": cfg.method_name,
+        "label_names": parts.label_names,
+        "in_features": int(parts.splits.train.features.shape[1]) if hasattr(parts.splits.train, "features") else None,
+        "steps": state.step, "epochs": state.step / trainer.steps_per_epoch,
+        "examples": {"train": len(trainer.train_set), "valid": len(trainer.valid_set or []), "test": len(test_set)},
+        "trainable_params": report.trainable, "total_params": report.total,
+        "trainable_percent": report.percent, "valid": state.last_eval, "test": test,
+        "train_seconds": state.train_seconds, "samples_per_second": state.samples / max(1e-9, state.train_seconds),
+        "wall_seconds_this_process": time.perf_counter() - started, "world_size": acc.num_processes,
+        "seed": cfg.seed, "resumed": resumed,
+    }
+    out, run_dir = Path(cfg.output_dir), partial_dir(cfg.output_dir)
+    if acc.is_main_process:
+        trainer.log.write({"step": state.step, "split": "test", **test})
+        _save_final(parts, acc.unwrap_model(trainer.model), run_dir)
+        (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        if out.exists():  # --overwrite: swap in the new run, then drop the old one
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(run_dir, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(run_dir, out)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # only after the rename: a crash keeps them
+    acc.wait_for_everyone()
+    return summary
 
 
 def _silent(*_: Any) -> None:
@@ -102,7 +138,7 @@ def train_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, sho
     train_set, valid_set, test_set = parts.encode("train"), parts.encode("valid"), parts.encode("test")
     optimizer = build_optimizer(parts.model, cfg.optimizer, method_param_groups(parts.model))
     report = trainable_report(parts.model)
-    out, run_dir = Path(cfg.output_dir), partial_dir(cfg.output_dir)
+    run_dir = partial_dir(cfg.output_dir)
     scheduler = build_scheduler(optimizer, cfg.schedule, total_steps(cfg, len(train_set), acc.num_processes))
     trainer = Trainer(parts.model, cfg, train_set, valid_set, optimizer, scheduler, acc, parts.pad_id,
                       len(parts.label_names), callbacks, run_dir, show_progress)
@@ -119,36 +155,12 @@ def train_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, sho
     log(f"{report.summary()}\ntrain/valid/test examples: {len(train_set)}/{len(valid_set)}/{len(test_set)}; "
         f"{trainer.max_steps} steps of {cfg.batch_size} on {acc.num_processes} process(es)")
     try:
-        state = trainer.fit()
+        summary = _finish(trainer, parts, cfg, report, trainer.fit(), test_set, acc, checkpoint is not None, started)
     except BaseException:
         # A run that dies before its first checkpoint cannot be resumed: leave nothing behind.
-        if acc.is_main_process and checkpoint is None and not list_checkpoints(run_dir / "checkpoints"):
+        # (Later, <output_dir>.partial stays for --resume; <output_dir> itself never appears.)
+        if acc.is_main_process and not list_checkpoints(run_dir / "checkpoints"):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    test = trainer.evaluate(test_set) if len(test_set) else {}
-    summary = {
-        "status": "complete", "task": cfg.task, "model": cfg.model.name, "method": cfg.method_name,
-        "label_names": parts.label_names,
-        "in_features": int(parts.splits.train.features.shape[1]) if hasattr(parts.splits.train, "features") else None,
-        "steps": state.step, "epochs": state.step / trainer.steps_per_epoch,
-        "examples": {"train": len(train_set), "valid": len(valid_set), "test": len(test_set)},
-        "trainable_params": report.trainable, "total_params": report.total,
-        "trainable_percent": report.percent, "valid": state.last_eval, "test": test,
-        "train_seconds": state.train_seconds, "samples_per_second": state.samples / max(1e-9, state.train_seconds),
-        "wall_seconds_this_process": time.perf_counter() - started, "world_size": acc.num_processes,
-        "seed": cfg.seed, "resumed": checkpoint is not None,
-    }
-    if acc.is_main_process:
-        trainer.log.write({"step": state.step, "split": "test", **test})
-        _save_final(parts, acc.unwrap_model(trainer.model), run_dir)
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-        if out.exists():  # --overwrite: swap in the new run, then drop the old one
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(run_dir, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(run_dir, out)
     acc.wait_for_everyone()
     return summary
