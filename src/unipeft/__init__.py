@@ -3,6 +3,8 @@ from .core import (AdaptedModel, AdapterConfig, AdapterLoadError, Capabilities, 
                    TargetError, UnipeftError, adapt, capability_table, get_method, public_methods, register,
                    trainable_report)
 from .methods import BitFitConfig, IA3Config, LNTuningConfig, LoraConfig
+from .methods import (BottleneckConfig, DeptConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig, SSFConfig,
+                      add_mam)
 from .methods import (DiffPruningConfig, HftConfig, LisaConfig, S2ftConfig, SaraConfig, SpielConfig, SptConfig,
                       TrainingHooks, spt_adapt)
 
@@ -13,3 +15,5 @@ __all__ = ["AdaptedModel", "AdapterConfig", "AdapterLoadError", "BitFitConfig", 
            "adapt", "capability_table", "get_method", "public_methods", "register", "trainable_report"]
 __all__ += ["DiffPruningConfig", "HftConfig", "LisaConfig", "S2ftConfig", "SaraConfig", "SpielConfig", "SptConfig",
             "TrainingHooks", "spt_adapt"]
+__all__ += ["BottleneckConfig", "DeptConfig", "PrefixTuningConfig", "PromptTuningConfig", "PTuningConfig",
+            "SSFConfig", "add_mam"]

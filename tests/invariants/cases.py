@@ -184,7 +184,8 @@ OVERRIDES: dict[str, Overrides] = {
 }
 
 # Methods whose freshly created adapter is NOT the identity; every other method must be.
-NOT_IDENTITY_AT_INIT: set[str] = set()
+# Prompt methods prepend virtual tokens / key-value prefixes, which change the output by design.
+NOT_IDENTITY_AT_INIT: set[str] = {"prompt_tuning", "p_tuning", "prefix_tuning", "dept"}
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,8 @@ EXTRA_CASES = [
     Case("lora-dora", "lora", lambda kind, targets: {"use_dora": True}, layer_types=(nn.Linear, Conv1D)),
     Case("lora-rslora+modules_to_save", "lora", lambda kind, targets: {"use_rslora": True, "r": 4},
          needs_head=True),
+    # The parallel form reads the site's input, the default (Houlsby, sequential) its output.
+    Case("bottleneck-scaled-parallel", "bottleneck", lambda kind, targets: {"style": "scaled_parallel"}),
 ]
 
 

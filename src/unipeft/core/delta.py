@@ -25,6 +25,11 @@ class Delta(nn.Module):
 
     kind: ClassVar[str] = "output"
     weight_dependent: ClassVar[bool] = False
+    # Model-level input side (prompts, prefixes): the AdaptedModel calls `prepare_inputs` on the
+    # forward's keyword arguments before the base model runs (see core/model.py).
+    model_input: ClassVar[bool] = False
+    # On-disk keys are file-level (PEFT's `prompt_embeddings`), not under the site's path.
+    state_at_root: ClassVar[bool] = False
 
     def __init__(self, base: nn.Module, config, path: str) -> None:
         super().__init__()
@@ -70,3 +75,25 @@ class Delta(nn.Module):
     def saved_key(self, key: str) -> str:
         """Map a key of this delta's state_dict to its on-disk suffix (PEFT's name)."""
         return key
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """{on-disk suffix: tensor} to save (default: the state_dict under `saved_key` names)."""
+        return {self.saved_key(k): v for k, v in self.state_dict().items()}
+
+    def optional_state(self, suffix: str) -> bool:
+        """Whether a file may lack `suffix` (e.g. a prompt encoder that PEFT does not save)."""
+        return False
+
+    def import_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy checked on-disk tensors (suffix -> tensor, shapes as `export_state`) into this delta."""
+        own = {self.saved_key(k): k for k in self.state_dict()}
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for suffix, tensor in tensors.items():
+                key = own[suffix]
+                target = params[key] if key in params else self.get_buffer(key)
+                target.copy_(tensor.to(target.dtype))
+
+    def prepare_inputs(self, model, kwargs: dict):
+        """Model-level input side (`model_input` deltas): return (new kwargs, output post-processor or None)."""
+        raise NotImplementedError

@@ -79,8 +79,11 @@ class AdaptedModel(nn.Module):
             raise ConfigError(f"adapter '{adapter_name}' already exists; delete_adapter() it first")
         spec = method_for_config(config)
         new_deltas: list[tuple[str, nn.Module, nn.Module]] = []
-        for path, module in select_targets(self.base_model, config, spec.capabilities.layer_types,
-                                           spec.default_targets):
+        targets = select_targets(self.base_model, config, spec.capabilities.layer_types, spec.default_targets)
+        resolve = getattr(config, "resolve_for_model", None)
+        if callable(resolve):  # fields read from the model (prompt methods: layers, heads, width)
+            resolve(self.base_model, targets)
+        for path, module in targets:
             new_deltas.append((path, module, spec.delta_cls.create(module, config, path)))
         if config.modules_to_save:
             saver = get_method(SAVE_METHOD)
@@ -232,12 +235,43 @@ class AdaptedModel(nn.Module):
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """Run the base model with the active adapters, or one adapter per row (`adapter_names`)."""
         if adapter_names is None:
-            return self.base_model(*args, **kwargs)
+            hooks = self._input_deltas()
+            if not hooks:
+                return self.base_model(*args, **kwargs)
+            return self._forward_with_inputs(hooks, args, kwargs)
         self._ctx.grouping = self._grouping(adapter_names)
         try:
             return self.base_model(*args, **kwargs)
         finally:
             self._ctx.grouping = None
+
+    def _input_deltas(self) -> list:
+        """Active model-level input-side deltas (prompts, prefixes), resolved once per active-set change."""
+        ctx = self._ctx
+        if ctx.disabled:
+            return []
+        cached = self.__dict__.get("_input_cache")
+        if cached is not None and cached[0] == ctx.version:
+            return cached[1]
+        found = [s.deltas[n] for n in ctx.active for s in self._sites.values()
+                 if n in s.deltas and s.deltas[n].model_input]
+        object.__setattr__(self, "_input_cache", (ctx.version, found))
+        return found
+
+    def _forward_with_inputs(self, deltas: list, args: tuple, kwargs: dict):
+        """Let each input-side delta rewrite the keyword inputs, run the base, undo in reverse on the output."""
+        if args:
+            raise ConfigError("an active prompt/prefix adapter needs keyword inputs: call model(input_ids=..., "
+                              "attention_mask=...) rather than passing tensors by position")
+        posts = []
+        for delta in deltas:
+            kwargs, post = delta.prepare_inputs(self, dict(kwargs))
+            posts.append(post)
+        out = self.base_model(**kwargs)
+        for post in reversed(posts):
+            if post is not None:
+                out = post(out)
+        return out
 
     def _grouping(self, adapter_names: list[str]) -> Grouping:
         if self.merged_adapters:

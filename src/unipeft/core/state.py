@@ -19,6 +19,14 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 
+def _key_prefix(model, adapter_name: str, site, delta) -> str:
+    """Where a delta's keys live in the file: at the root, or under the adapter's prefix + site path."""
+    if delta.state_at_root:
+        return ""
+    # PEFT's prompt-learning models save modules_to_save under "base_model." (no LoRA-style wrapper).
+    return f"{getattr(type(model.peft_config[adapter_name]), 'state_prefix', PREFIX)}{site.path}."
+
+
 def adapter_state_dict(model, adapter_name: str) -> dict[str, torch.Tensor]:
     """`base_model.model.<module path>.<PEFT param name>` -> tensor, with no adapter name inside."""
     model._check_name(adapter_name)
@@ -27,8 +35,9 @@ def adapter_state_dict(model, adapter_name: str) -> dict[str, torch.Tensor]:
         delta = site.deltas[adapter_name] if adapter_name in site.deltas else None
         if delta is None:
             continue
-        for key, value in delta.state_dict().items():
-            out[f"{PREFIX}{site.path}.{delta.saved_key(key)}"] = value
+        prefix = _key_prefix(model, adapter_name, site, delta)
+        for key, value in delta.export_state().items():
+            out[f"{prefix}{key}"] = value
     return out
 
 
@@ -85,8 +94,9 @@ def _plan(model, adapter_name: str, tensors: dict[str, torch.Tensor]):
         if adapter_name not in site.deltas:
             continue
         delta = site.deltas[adapter_name]
-        for key, value in delta.state_dict().items():
-            expected[f"{PREFIX}{site.path}.{delta.saved_key(key)}"] = (site.path, delta, key, value)
+        prefix = _key_prefix(model, adapter_name, site, delta)
+        for key, value in delta.export_state().items():
+            expected[f"{prefix}{key}"] = (site.path, delta, key, value)
     for file_key, tensor in tensors.items():
         if file_key not in expected:
             path = file_key[len(PREFIX):] if file_key.startswith(PREFIX) else file_key
@@ -96,12 +106,13 @@ def _plan(model, adapter_name: str, tensors: dict[str, torch.Tensor]):
             continue
         site_path, delta, key, value = expected.pop(file_key)
         if tuple(tensor.shape) != tuple(value.shape):
-            problems[site_path].append(f"'{delta.saved_key(key)}' has shape {tuple(tensor.shape)} in the file "
+            problems[site_path].append(f"'{key}' has shape {tuple(tensor.shape)} in the file "
                                        f"but the model expects {tuple(value.shape)}")
             continue
         plan.append((delta, key, tensor))
-    for site_path, _, key, _ in expected.values():
-        problems[site_path].append(f"'{key}' is missing from the file")
+    for site_path, delta, key, _ in expected.values():
+        if not delta.optional_state(key):
+            problems[site_path].append(f"'{key}' is missing from the file")
     if problems:
         lines = [f"  {module}: {'; '.join(msgs)}" for module, msgs in sorted(problems.items())[:20]]
         more = f"\n  ... and {len(problems) - 20} more modules" if len(problems) > 20 else ""
@@ -111,11 +122,11 @@ def _plan(model, adapter_name: str, tensors: dict[str, torch.Tensor]):
 
 def load_tensors(model, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
     """Copy file tensors into an existing adapter after validating all of them."""
-    plan = _plan(model, adapter_name, tensors)
-    with torch.no_grad():
-        for delta, key, tensor in plan:
-            target = delta.get_parameter(key) if key in dict(delta.named_parameters()) else delta.get_buffer(key)
-            target.copy_(tensor.to(target.dtype))
+    per_delta: dict[int, tuple] = {}
+    for delta, key, tensor in _plan(model, adapter_name, tensors):
+        per_delta.setdefault(id(delta), (delta, {}))[1][key] = tensor
+    for delta, found in per_delta.values():
+        delta.import_state(found)
 
 
 def load_adapter(model, directory: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
