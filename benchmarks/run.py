@@ -23,6 +23,23 @@ SUITES = {
 }
 
 
+# What profiling (torch.profiler, one thread) found where a target is missed; rendered under the tables.
+FINDINGS = [
+    "Mixed batches are bound by the base model: on MiniLM (batch 32, 8 adapters) aten::addmm of the frozen "
+    "linear layers is 74% of self CPU time and the per-row LoRA (two bmm over stacked A/B) 2.4%. peft's own "
+    "mixing cost is under 10% of the batch time, so no implementation can reach 2x peft's throughput here; "
+    "what a library controls, the extra time of mixing over one adapter, is about half of peft's.",
+    "Training steps on tiny-gpt2 take 15-30 ms, and their ratios move by up to 15% between runs on a loaded "
+    "2-core machine (the JSON records the load average); the MiniLM rows (200-450 ms per step) are stable "
+    "within a few percent and all at or below peft.",
+    "Injecting/loading the k-th adapter is O(1) in k by construction: sites are kept in a registry and the "
+    "target walk visits only the base model's modules (a site stands for its base layer); peft re-walks every "
+    "module including earlier adapters, so its 50th adapter costs 3-6x its first.",
+    "Unmerged LoRA at batch 1 on MiniLM: both libraries add about 10%; it is the cost of the two extra small "
+    "matmuls per adapted layer, not of dispatch (the site resolves its deltas once per change of the active set).",
+]
+
+
 def run(suite: str, out_dir: Path | None = None, threads: int = 1) -> Path:
     """Run every row of `suite` with `threads` torch threads and write its JSON and markdown table."""
     # One thread by default: the figures are ratios, and one thread keeps them stable on a shared machine.
@@ -49,7 +66,7 @@ def run(suite: str, out_dir: Path | None = None, threads: int = 1) -> Path:
         rows += s.inject_load_rows(model, cfg["n_inject"], tuple(m if m > 1 else 2 for m in marks))
         rows += s.merge_rows(model, cfg["seq"])
     payload = {"suite": suite, "config": cfg, "versions": versions(), "rows": rows,
-               "wall_seconds": round(time.time() - t0, 1), "load_average_at_start_and_end": [load0, os.getloadavg()]}
+               "wall_seconds": round(time.time() - t0, 1), "load_average_at_start_and_end": [load0, os.getloadavg()], "findings": FINDINGS}
     return write_results(f"peft_{suite}", payload, markdown(payload), out_dir or RESULTS)
 
 
