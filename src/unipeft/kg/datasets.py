@@ -30,6 +30,8 @@ class KGDataset:
     entities: list[str]
     relations: list[str]
     triples: dict[str, torch.Tensor] = field(default_factory=dict)  # split -> LongTensor (n, 3)
+    # Derived structures (graphs, grounding indexes) keyed by what they were built from.
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_entities(self) -> int:

@@ -45,12 +45,9 @@ class QuerySet:
 class _Grounder:
     """Samples a query row of a template backwards from a target entity, along edges of `adj`."""
 
-    def __init__(self, adj: torch.Tensor, rng: random.Random) -> None:
-        r, h, t = adj.nonzero(as_tuple=True)
-        self.incoming: dict[int, list[tuple[int, int]]] = {}
-        for rel, head, tail in zip(r.tolist(), h.tolist(), t.tolist()):
-            self.incoming.setdefault(tail, []).append((head, rel))
-        self.targets = sorted(self.incoming)
+    def __init__(self, incoming: dict[int, list[tuple[int, int]]], rng: random.Random) -> None:
+        self.incoming = incoming
+        self.targets = sorted(incoming)
         self.rng = rng
 
     def ground(self, node: Template, target: int, row: list[int]) -> bool:
@@ -75,6 +72,21 @@ class _Grounder:
         return row if ok else None
 
 
+def _split_graphs(data: KGDataset, split: str):
+    """(answer graph, easy graph or None, tail -> [(head, relation)] of the answer graph), built once per split."""
+    key = ("querygen", split)
+    if key not in data.cache:
+        full_splits, easy_splits = SPLIT_GRAPHS[split]
+        full = data.graph(*full_splits)
+        incoming: dict[int, list[tuple[int, int]]] = {}
+        r, h, t = full.nonzero(as_tuple=True)
+        for rel, head, tail in zip(r.tolist(), h.tolist(), t.tolist()):
+            incoming.setdefault(tail, []).append((head, rel))
+        easy = data.graph(*easy_splits).float() if easy_splits else None
+        data.cache[key] = (full.float(), easy, incoming)
+    return data.cache[key]
+
+
 def default_max_answers(n_entities: int) -> int:
     """Queries with more answers are dropped (BetaE drops > 100 of 14,505 on FB15k-237)."""
     return max(3, math.ceil(0.2 * n_entities))
@@ -88,12 +100,10 @@ def generate_split(data: KGDataset, split: str, structure: str, n: int, seed: in
     check_structures([structure])
     if n < 0:
         raise ConfigError(f"generate_split: n must be >= 0, got {n}")
-    full_splits, easy_splits = SPLIT_GRAPHS[split]
-    full = data.graph(*full_splits)
-    easy = data.graph(*easy_splits) if easy_splits else None
+    full, easy, incoming = _split_graphs(data, split)
     cap = max_answers or default_max_answers(data.n_entities)
     rng = random.Random(f"unipeft-kg/{data.name}/{seed}/{split}/{structure}")
-    grounder = _Grounder(full, rng)
+    grounder = _Grounder(incoming, rng)
     seen: set[tuple[int, ...]] = set()
     width = len(slot_kinds(structure))
     kept_q, kept_a, kept_h = [], [], []

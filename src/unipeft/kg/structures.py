@@ -95,7 +95,7 @@ def fold(template: Template, queries: torch.Tensor, *, anchor: Callable[[torch.T
 
 
 def answers(structure: str, queries: torch.Tensor, adj: torch.Tensor, drop_negation: bool = False) -> torch.Tensor:
-    """Exact answer sets (bool, B x N) of query rows on the graph `adj[r, h, t]`.
+    """Exact answer sets (bool, B x N) of query rows on the graph `adj[r, h, t]` (bool or 0/1 float).
 
     `drop_negation` replaces every negated branch by "true" (the query without its negation),
     which query generation uses to keep only queries whose negation removes some answer.
@@ -107,11 +107,17 @@ def answers(structure: str, queries: torch.Tensor, adj: torch.Tensor, drop_negat
     def anchor(ids: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.one_hot(ids, n).bool()
 
+    adj_f = adj if adj.is_floating_point() else adj.float()  # converted once, not per projection
+
     def project(sets: torch.Tensor, rels: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(sets)
-        for r in rels.unique().tolist():  # one (rows x N) @ (N x N) product per relation
-            rows = (rels == r).nonzero(as_tuple=True)[0]
-            out[rows] = (sets[rows].float() @ adj[r].float()) > 0
+        order = torch.argsort(rels, stable=True)  # rows grouped by relation: one matmul per relation
+        rs, counts = torch.unique_consecutive(rels[order], return_counts=True)
+        start = 0
+        for r, c in zip(rs.tolist(), counts.tolist()):
+            rows = order[start:start + c]
+            out[rows] = (sets[rows].float() @ adj_f[r]) > 0
+            start += c
         return out
 
     def conj(parts: list[torch.Tensor]) -> torch.Tensor:
