@@ -28,17 +28,31 @@ class Layout:
     """CSR structures of one index set (and of its transpose), built once per index change."""
 
     def __init__(self, flat: torch.Tensor, out_f: int, in_f: int) -> None:
+        # int32 structures: 12 bytes per selected entry in all, which is the point of the method.
+        idx = torch.int32 if out_f * in_f < 2 ** 31 else torch.int64
+        flat = flat.to(torch.int64)
         rows, cols = flat // in_f, flat % in_f
         counts = torch.bincount(rows, minlength=out_f)
-        self.crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
-        self.col = cols.to(torch.int32)
+        self.crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(idx)
+        self.col = cols.to(idx)
         # The transpose (in x out) in CSR: entries re-sorted by (col, row).
-        self.t_perm = torch.argsort(cols * out_f + rows)
+        t_perm = torch.argsort(cols * out_f + rows)
         t_counts = torch.bincount(cols, minlength=in_f)
-        self.t_crow = torch.cat([t_counts.new_zeros(1), t_counts.cumsum(0)]).to(torch.int32)
-        self.t_col = rows[self.t_perm].to(torch.int32)
-        self.rows, self.cols = rows, cols
+        self.t_crow = torch.cat([t_counts.new_zeros(1), t_counts.cumsum(0)]).to(idx)
+        self.t_col = rows[t_perm].to(idx)
+        self.t_perm = t_perm.to(idx)
         self.shape = (out_f, in_f)
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """Row of each entry (int64, built on demand)."""
+        counts = (self.crow[1:] - self.crow[:-1]).to(torch.int64)
+        return torch.repeat_interleave(torch.arange(self.shape[0], device=counts.device), counts)
+
+    @property
+    def cols(self) -> torch.Tensor:
+        """Column of each entry (int64)."""
+        return self.col.to(torch.int64)
 
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
         """The sparse (out x in) matrix with these values, in CSR."""
@@ -164,9 +178,11 @@ class SparseDelta(Delta):
         if init_indices is None:
             init_indices = lowest_magnitude(w, k)
         self.values = nn.Parameter(torch.zeros(k, dtype=torch.float32, device=w.device))
-        self.register_buffer("indices", init_indices.to(torch.int64).sort().values)
+        # Flat row-major positions, int32 while the matrix allows (half the memory of int64).
+        idx = torch.int32 if w.numel() < 2 ** 31 else torch.int64
+        self.register_buffer("indices", init_indices.to(idx).sort().values)
         if frozen_slots:
-            self.register_buffer("frozen_indices", torch.zeros(frozen_slots, dtype=torch.int64, device=w.device))
+            self.register_buffer("frozen_indices", torch.zeros(frozen_slots, dtype=idx, device=w.device))
             self.register_buffer("frozen_values", torch.zeros(frozen_slots, dtype=torch.float32, device=w.device))
         self._cache: tuple | None = None
         self._frozen_cache: tuple | None = None
@@ -208,9 +224,9 @@ class SparseDelta(Delta):
         """dW as a dense (out, in) matrix (differentiable in `values`)."""
         n = self.out_features * self.in_features
         flat = torch.zeros(n, dtype=self.values.dtype, device=self.values.device)
-        flat = flat.index_add(0, self.indices, self.values)
+        flat = flat.index_add(0, self.indices.long(), self.values)
         if hasattr(self, "frozen_values"):
-            flat = flat.index_add(0, self.frozen_indices, self.frozen_values.to(flat.dtype))
+            flat = flat.index_add(0, self.frozen_indices.long(), self.frozen_values.to(flat.dtype))
         return flat.view(self.out_features, self.in_features)
 
     def delta_weight(self) -> dict[str, torch.Tensor]:
@@ -230,7 +246,7 @@ class SparseDelta(Delta):
         k = self.values.numel()
         if flat.numel() != k:
             raise ValueError(f"{self.path}: a selection must keep {k} entries, got {flat.numel()}")
-        flat, order = flat.to(self.indices.device).sort()
+        flat, order = flat.to(self.indices.device, self.indices.dtype).sort()
         new_vals = torch.zeros(k, dtype=self.values.dtype, device=self.values.device) if values is None \
             else values.to(self.values.dtype)[order]
         state = optimizer.state.get(self.values) if optimizer is not None else None

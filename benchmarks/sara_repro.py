@@ -1,0 +1,281 @@
+"""SaRA vs LoRA vs full fine-tuning on the offline MiniLM + fortunes task, side by side in one run.
+
+All three train through `unipeft.train.train_run` on examples/fortunes_lora.yaml (same 8
+categories, caps and split: data.seed 0), one torch thread, the same number of steps, for
+each of the seeds. Per method it reports test accuracy (mean and per seed), the step time of
+those runs, the peak training memory of a few steps measured in a child process (VmHWM above
+the resident size after loading the model), and how far the mean-pooled MiniLM sentence
+embeddings of unrelated held-out fortunes (categories the task never sees) drift from the
+base model's: 1 - cosine similarity and relative L2 distance.
+
+    python -m benchmarks.sara_repro [--seeds 0,1,2] [--max-steps N] [--only lora,sara,full]
+
+Writes benchmarks/results/sara_repro.json and prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "examples" / "fortunes_lora.yaml"
+OUT = ROOT / "benchmarks" / "results" / "sara_repro.json"
+HELD_OUT = ["art", "education", "medicine", "wisdom", "pets", "kids"]  # not among the task's categories
+HELD_OUT_TEXTS = 240
+TARGETS = "[query, key, value, dense]"  # the shipped LoRA config's targets, for SaRA too
+
+VARIANTS: dict[str, list[str]] = {
+    "lora": [],
+    "sara": ["--method", "{name: sara, ratio: 0.1, nuclear_weight: 1.0e-4, nuclear_every: 10, schedule: [0.5], "
+                         f"target_modules: {TARGETS}}}", "--optimizer.lr", "3e-4"],
+    "full": ["--method", "{name: full}", "--optimizer.lr", "5e-5"],
+}
+
+
+def overrides(name: str, seed: int, max_steps: int | None, out: Path | None = None) -> list[str]:
+    """Config overrides of one run: the variant, the fixed split, the seed, one thread, the step count."""
+    args = VARIANTS[name] + ["--data.seed", "0", "--seed", str(seed), "--threads", "1"]
+    if max_steps is not None:
+        args += ["--max_steps", str(max_steps)]
+    if out is not None:
+        args += ["--output_dir", str(out)]
+    return args
+
+
+# ---- generalisation retained: embedding drift on unrelated text ---------------------------------
+def held_out_texts() -> list[str]:
+    """Fortunes of categories the task never trains on (seeded sample, at most 400 characters)."""
+    from unipeft.data.fortunes import fortunes_dir, read_fortune_file
+
+    texts = [t for c in HELD_OUT for t in read_fortune_file(fortunes_dir() / c) if len(t) <= 400]
+    random.Random(0).shuffle(texts)
+    return texts[:HELD_OUT_TEXTS]
+
+
+def embed(encoder, batches) -> "torch.Tensor":
+    """Mean-pooled last hidden states (the sentence-transformers pooling of all-MiniLM-L6-v2)."""
+    import torch
+
+    was = encoder.training
+    encoder.eval()
+    outs = []
+    with torch.no_grad():
+        for b in batches:
+            h = encoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+            m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
+            outs.append((h * m).sum(1) / m.sum(1))
+    encoder.train(was)
+    return torch.cat(outs)
+
+
+def drift(base_emb, emb) -> dict[str, float]:
+    """Mean (1 - cosine) and mean relative L2 distance between base and adapted embeddings."""
+    import torch.nn.functional as F
+
+    cos = F.cosine_similarity(base_emb, emb, dim=-1)
+    rel = (emb - base_emb).norm(dim=-1) / base_emb.norm(dim=-1)
+    return {"cosine_drift": float((1 - cos).mean()), "relative_l2": float(rel.mean())}
+
+
+def make_drift_callback(batches, base_emb):
+    """A trainer callback that measures the drift of the trained model at the end of training."""
+    from unipeft.train import TrainerCallback
+
+    class DriftProbe(TrainerCallback):
+        result: dict[str, float] = {}
+
+        def on_train_end(self, ctx) -> None:
+            self.result = drift(base_emb, embed(ctx.model.bert, batches))
+
+    return DriftProbe()
+
+
+def encoded_held_out(cfg):
+    """Tokenized held-out batches and the base model's embeddings of them."""
+    from unipeft.train.models import load_base_model, load_tokenizer
+
+    tok = load_tokenizer(cfg.model.name)
+    texts = held_out_texts()
+    batches = [dict(tok(texts[i:i + 48], padding=True, truncation=True, max_length=cfg.data.max_length,
+                        return_tensors="pt")) for i in range(0, len(texts), 48)]
+    base = load_base_model(cfg.model, "classification", ["a", "b"], 0)
+    return batches, embed(base.bert, batches), len(texts)
+
+
+# ---- one training run ------------------------------------------------------------------------------
+def run_one(name: str, seed: int, max_steps: int | None, workdir: Path, held) -> dict:
+    """Train one variant under `seed`; test accuracy, timing and drift."""
+    from unipeft.train import load_config, train_run
+
+    cfg = load_config(CONFIG, overrides(name, seed, max_steps, workdir / f"{name}-{seed}"))
+    probe = make_drift_callback(held[0], held[1])
+    start = time.perf_counter()
+    summary = train_run(cfg, show_progress=False, log=lambda *_: None, callbacks=[probe])
+    return {"accuracy": summary["test"]["accuracy"], "macro_f1": summary["test"]["macro_f1"],
+            "steps": summary["steps"], "train_seconds": summary["train_seconds"],
+            "step_seconds": summary["train_seconds"] / summary["steps"],
+            "trainable_params": summary["trainable_params"], "wall_seconds": time.perf_counter() - start,
+            **probe.result}
+
+
+# ---- peak memory, in a child process ----------------------------------------------------------------
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])  # kB
+    raise KeyError(key)
+
+
+def probe_memory(name: str, steps: int) -> None:
+    """(child) Peak resident memory of adapting + `steps` training steps, above the loaded base model; prints JSON."""
+    import torch
+
+    from unipeft.data.batching import epoch_batches
+    from unipeft.data.encode import collate
+    from unipeft.data.sources import load_data
+    from unipeft.methods.sparse_hooks import TrainingHooks
+    from unipeft.train import load_config
+    from unipeft.train.callbacks import method_param_groups
+    from unipeft.train.config import build_method_config
+    from unipeft.train.evaluate import loss_terms, model_inputs
+    from unipeft.train.models import load_base_model, load_tokenizer
+    from unipeft.train.optim import build_optimizer
+    from unipeft.train.setup import RunParts, apply_method
+
+    torch.set_num_threads(1)
+    cfg = load_config(CONFIG, overrides(name, 0, None))
+    method_config = build_method_config(cfg.method)
+    splits = load_data(cfg.task, cfg.data, cfg.data_seed)
+    base = load_base_model(cfg.model, cfg.task, splits.label_names, cfg.seed)
+    parts = RunParts(cfg, splits, load_tokenizer(cfg.model.name), base, method_config, splits.label_names)
+    data = parts.encode("train")
+    # The first batches the trainer itself takes (seed 0, length-grouped).
+    order = epoch_batches(data.lengths, cfg.batch_size, cfg.seed, 0, cfg.data.group_by_length)[:steps]
+    batches = [collate([data.rows[i] for i in idx], parts.pad_id) for idx in order]
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the high-water mark to the current size
+    except OSError:
+        pass
+    rss0 = _status("VmRSS")  # base model and data loaded; nothing of the method exists yet
+    model = apply_method(base, cfg, method_config)  # adapter structures (e.g. SaRA's indices) count
+    opt = build_optimizer(model, cfg.optimizer, method_param_groups(model))
+    hooks = TrainingHooks(model, opt, max_steps=steps)  # SaRA: nuclear gradient and one re-selection
+    model.train()
+    times = []
+    for b in batches:
+        t0 = time.perf_counter()
+        hooks.step_begin()
+        loss = loss_terms(cfg.task, model(**model_inputs(b)).logits, b["labels"]).mean()
+        loss.backward()
+        hooks.before_optimizer_step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        hooks.step_end()
+        times.append(time.perf_counter() - t0)
+    peak = _status("VmHWM")
+    print(json.dumps({"peak_mb": round((peak - rss0) / 1024, 1), "base_rss_mb": round(rss0 / 1024, 1),
+                      "steps": steps, "tokens_per_batch": [int(b["input_ids"].numel()) for b in batches],
+                      "probe_step_seconds": statistics.median(times[1:] or times)}))
+
+
+def measure_memory(name: str, steps: int) -> dict:
+    """Run the memory probe of `name` in a fresh interpreter."""
+    # glibc returns freed blocks above this size to the OS at once, so VmHWM tracks live tensors
+    # instead of whatever the allocator happened to keep cached (same setting for every method).
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.sara_repro", "--probe", name, "--probe-steps",
+                          str(steps)], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---- main -------------------------------------------------------------------------------------------
+def table(results: dict) -> str:
+    """The markdown table of the README section."""
+    rows = ["| method | trainable params | test accuracy (mean ± sd, 3 seeds) | peak train memory (MB) | "
+            "step time (s) | embedding drift (1 - cos) | relative L2 drift |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results["methods"].items():
+        rows.append(f"| {name} | {r['trainable_params']:,} | {r['accuracy_mean']:.3f} ± {r['accuracy_sd']:.3f} | "
+                    f"{r['memory']['peak_mb']:.0f} | {r['step_seconds_median']:.3f} | "
+                    f"{r['cosine_drift_mean']:.4f} | {r['relative_l2_mean']:.3f} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    """Run every method under every seed, probe memory, write the JSON and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--max-steps", type=int, default=None, help="default: the config's 3 epochs")
+    parser.add_argument("--only", default="lora,sara,full")
+    parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--probe-steps", type=int, default=8)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.probe:
+        probe_memory(args.probe, args.probe_steps)
+        return
+    import torch
+    torch.set_num_threads(1)
+    from unipeft.train import load_config
+
+    names, seeds = args.only.split(","), [int(s) for s in args.seeds.split(",")]
+    held = encoded_held_out(load_config(CONFIG))
+    workdir = Path(tempfile.mkdtemp(prefix="sara-repro-"))
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    started = time.perf_counter()
+    try:
+        for seed in seeds:  # interleaved, so the three methods share the machine's load alike
+            for name in names:
+                row = run_one(name, seed, args.max_steps, workdir, held)
+                row["load_avg_1min"] = os.getloadavg()[0]
+                runs[name].append(row)
+                print(name, seed, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
+                      flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    memory = {n: measure_memory(n, args.probe_steps) for n in names}
+    methods = {}
+    for n in names:
+        acc = [r["accuracy"] for r in runs[n]]
+        methods[n] = {
+            "overrides": VARIANTS[n], "trainable_params": runs[n][0]["trainable_params"],
+            "accuracy_mean": statistics.mean(acc), "accuracy_sd": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            "step_seconds_median": statistics.median(r["step_seconds"] for r in runs[n]),
+            "cosine_drift_mean": statistics.mean(r["cosine_drift"] for r in runs[n]),
+            "relative_l2_mean": statistics.mean(r["relative_l2"] for r in runs[n]),
+            "memory": memory[n], "runs": runs[n]}
+    results = {"config": str(CONFIG.relative_to(ROOT)), "seeds": seeds, "max_steps": args.max_steps,
+               "held_out_categories": HELD_OUT, "held_out_texts": held[2], "methods": methods,
+               "torch_threads": 1, "torch": torch.__version__, "python": platform.python_version(),
+               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+               "wall_seconds": time.perf_counter() - started}
+    if {"sara", "lora", "full"} <= set(methods):
+        m = {n: methods[n]["memory"]["peak_mb"] for n in ("sara", "lora", "full")}
+        results["claims"] = {
+            "sara_memory_le_lora": m["sara"] <= m["lora"],
+            "sara_memory_le_60pct_full": m["sara"] <= 0.6 * m["full"],
+            "sara_memory_over_full": m["sara"] / m["full"], "sara_memory_over_lora": m["sara"] / m["lora"],
+            "sara_drift_lt_lora": methods["sara"]["cosine_drift_mean"] < methods["lora"]["cosine_drift_mean"],
+        }
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    print(json.dumps(results.get("claims", {}), indent=2))
+
+
+if __name__ == "__main__":
+    main()
