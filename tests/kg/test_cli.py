@@ -31,6 +31,10 @@ def runs(tmp_path_factory):
 
 
 def test_end_to_end(runs, capsys):
+    capsys.readouterr()
+    assert main(["kg", "data", "--dataset", "nations"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"entities": 14, "relations": 55, "train": 1592, "valid": 199,
+                                                    "test": 201}
     metrics = json.loads((runs / "link" / "metrics.json").read_text())
     assert 0 < metrics["test"]["mrr"] <= 1
     record = json.loads((runs / "cal" / "kg_calibration.json").read_text())
@@ -56,6 +60,7 @@ def test_end_to_end(runs, capsys):
     (["kg", "eval", "--predictor", "/nonexistent/pred"], "no predictor.json in /nonexistent/pred"),
     (["kg", "eval", "--predictor", "{link}", "--structures", "1p,9p"], "unknown query structure"),
     (["kg", "eval", "--predictor", "{link}", "--split", "train"], "--split: expected valid or test"),
+    (["kg", "eval", "--predictor", "{tmp}"], "no predictor.json"),
     (["kg", "eval", "--predictor", "{link}", "--adapter", "/nonexistent/cal"], "does not exist"),
     (["kg", "calibrate", "--predictor", "{link}", "--out", "{tmp}", "--fraction", "0"], "fraction"),
     (["kg", "calibrate", "--predictor", "{link}", "--out", "{tmp}", "--n-train", "0"], "--n-train"),

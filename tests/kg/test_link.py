@@ -57,3 +57,16 @@ def test_reciprocals_and_bad_config():
             assert "LinkConfig" in str(exc)
         else:
             raise AssertionError(f"LinkConfig({bad}) was accepted")
+
+
+def test_load_errors_name_the_file(tmp_path, small_predictor):
+    import pytest
+    with pytest.raises(FileNotFoundError, match="no predictor.json"):
+        load_link_predictor(tmp_path)
+    (tmp_path / "predictor.json").write_text('{"n_entities": 3}')
+    with pytest.raises(ConfigError, match="predictor.json: expected JSON with n_entities, n_relations and rank"):
+        load_link_predictor(tmp_path)
+    save_link_predictor(small_predictor, tmp_path)
+    (tmp_path / "predictor.json").write_text('{"n_entities": 3, "n_relations": 2, "rank": 16}')
+    with pytest.raises(ConfigError, match="does not fit predictor.json's sizes"):
+        load_link_predictor(tmp_path)

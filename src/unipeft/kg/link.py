@@ -115,9 +115,19 @@ def load_link_predictor(directory: str | Path) -> LinkPredictor:
     cfg_path = directory / "predictor.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"no predictor.json in {directory} (write one with save_link_predictor)")
-    hp = json.loads(cfg_path.read_text())
-    model = LinkPredictor(hp["n_entities"], hp["n_relations"], hp["rank"])
-    model.load_state_dict(load_file(str(directory / "predictor.safetensors")))
+    try:
+        hp = json.loads(cfg_path.read_text())
+        model = LinkPredictor(int(hp["n_entities"]), int(hp["n_relations"]), int(hp["rank"]))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{cfg_path}: expected JSON with n_entities, n_relations and rank ({exc!r})") from None
+    weights = directory / "predictor.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"no predictor.safetensors in {directory}")
+    state = load_file(str(weights))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ConfigError(f"{weights} does not fit predictor.json's sizes: {str(exc).splitlines()[0]}") from None
     return model.eval()
 
 
