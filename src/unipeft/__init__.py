@@ -4,7 +4,7 @@ from .core import (AdaptedModel, AdapterConfig, AdapterLoadError, Capabilities, 
                    trainable_report)
 from .methods import BitFitConfig, IA3Config, LNTuningConfig, LoraConfig
 from .methods import (BottleneckConfig, DeptConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig, SSFConfig,
-                      add_mam)
+                      FusionConfig, PolyConfig, add_mam, fuse)
 from .methods import (DiffPruningConfig, HftConfig, LisaConfig, S2ftConfig, SaraConfig, SpielConfig, SptConfig,
                       TrainingHooks, spt_adapt)
 
@@ -16,4 +16,4 @@ __all__ = ["AdaptedModel", "AdapterConfig", "AdapterLoadError", "BitFitConfig", 
 __all__ += ["DiffPruningConfig", "HftConfig", "LisaConfig", "S2ftConfig", "SaraConfig", "SpielConfig", "SptConfig",
             "TrainingHooks", "spt_adapt"]
 __all__ += ["BottleneckConfig", "DeptConfig", "PrefixTuningConfig", "PromptTuningConfig", "PTuningConfig",
-            "SSFConfig", "add_mam"]
+            "SSFConfig", "add_mam", "FusionConfig", "PolyConfig", "fuse"]

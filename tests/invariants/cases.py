@@ -186,6 +186,8 @@ OVERRIDES: dict[str, Overrides] = {
 # Methods whose freshly created adapter is NOT the identity; every other method must be.
 # Prompt methods prepend virtual tokens / key-value prefixes, which change the output by design.
 NOT_IDENTITY_AT_INIT: set[str] = {"prompt_tuning", "p_tuning", "prefix_tuning", "dept"}
+# A fresh fusion adapter combines (placeholder) source adapters, which change the output.
+NOT_IDENTITY_AT_INIT |= {"fusion"}
 
 
 @dataclass(frozen=True)
@@ -212,6 +214,9 @@ EXTRA_CASES = [
          needs_head=True),
     # The parallel form reads the site's input, the default (Houlsby, sequential) its output.
     Case("bottleneck-scaled-parallel", "bottleneck", lambda kind, targets: {"style": "scaled_parallel"}),
+    Case("poly-mhr", "poly", lambda kind, targets: {"routing": "mhr", "n_splits": 2, "r": 4, "n_skills": 3}),
+    Case("poly-mhr-mu", "poly", lambda kind, targets: {"routing": "mhr_mu", "r": 2, "n_skills": 3}),
+    Case("fusion-scalearn", "fusion", lambda kind, targets: {"mode": "scalearn", "r": 3, "style": "parallel"}),
 ]
 
 

@@ -9,6 +9,8 @@ from .prefix import PrefixTuningConfig
 from .prompts import PromptTuningConfig, PTuningConfig
 from .adapters import BottleneckConfig, add_mam
 from .ssf import SSFConfig
+from .fusion import FusionConfig, fuse
+from .routing import PolyConfig
 from .sara import SaraConfig
 from .selective import HftConfig, LisaConfig
 from .sparse_diff import DiffPruningConfig
@@ -21,4 +23,4 @@ __all__ = ["BitFitConfig", "CQDCalibratorConfig", "IA3Config", "LNTuningConfig",
 __all__ += ["DiffPruningConfig", "HftConfig", "LisaConfig", "S2ftConfig", "SaraConfig", "SpielConfig",
             "SptConfig", "TrainingHooks", "spt_adapt"]
 __all__ += ["BottleneckConfig", "DeptConfig", "PrefixTuningConfig", "PromptTuningConfig", "PTuningConfig",
-            "SSFConfig", "add_mam"]
+            "SSFConfig", "add_mam", "FusionConfig", "PolyConfig", "fuse"]
