@@ -232,7 +232,7 @@ def test_save_load_round_trip_is_exact_with_index_and_value_tensors(tmp_path):
     tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert sorted(tensors) == sorted(f"base_model.model.{m}.sara_{k}" for m in ("fc1", "fc2")
                                      for k in ("values", "indices", "frozen_indices", "frozen_values"))
-    assert tensors["base_model.model.fc1.sara_indices"].dtype == torch.int64
+    assert tensors["base_model.model.fc1.sara_indices"].dtype == torch.int32  # flat positions
     assert tensors["base_model.model.fc1.sara_values"].numel() == int(0.1 * 12 * 20)
     loaded = up.AdaptedModel.from_pretrained(_net(), tmp_path)
     with torch.no_grad():
@@ -267,3 +267,26 @@ def test_bad_config_values_name_the_field():
         up.SaraConfig(nuclear_weight=-1, target_modules=["fc1"])
     with pytest.raises(up.ConfigError, match="max_steps"):
         up.TrainingHooks(up.adapt(_net(), up.SaraConfig(target_modules=["fc1"])), None, 0)
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "sara", "ratio": 0.1, "schedule": [0.5], "nuclear_weight": 1e-3, "target_modules": ["query", "value"]},
+    {"name": "spiel", "density": 0.05, "update_every": 2, "target_modules": ["query", "value"]},
+])
+def test_unipeft_train_runs_the_method_callbacks(tmp_path, method):
+    """`unipeft train` with method: sara needs nothing else: the trainer calls SaRA's callback by itself."""
+    from tests.train._helpers import adapter_tensors, make_tiny_bert, make_word_csv, summary, tiny_config
+    from unipeft.train import config_from_dict, train_run
+
+    model_dir = make_tiny_bert(tmp_path / "bert")
+    data = make_word_csv(tmp_path / "words.csv", per_class=12)
+    cfg = config_from_dict(tiny_config(model_dir, data, tmp_path / "run", method=method, max_steps=4, epochs=None))
+    train_run(cfg, show_progress=False, log=lambda *_: None)
+    tensors = adapter_tensors(tmp_path / "run")
+    prefix = method["name"]
+    keys = [k for k in tensors if k.endswith(f".{prefix}_values")]
+    assert keys and all(tensors[k.replace("_values", "_indices")].numel() == tensors[k].numel() for k in keys)
+    if prefix == "sara":  # re-selected after step 2 of 4: a frozen round holds the first selection's training
+        frozen = [tensors[k.replace("_values", "_frozen_values")] for k in keys]
+        assert all(torch.count_nonzero(f) > 0 for f in frozen)
+    assert summary(tmp_path / "run")["steps"] == 4
