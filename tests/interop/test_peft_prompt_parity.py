@@ -77,14 +77,21 @@ def test_peft_folder_loads_with_identical_outputs(case, tmp_path):
     assert (got - _ours(build(kind), batch)).abs().max() > 1e-3, "the loaded prompt does nothing"
 
 
+OURS = {"prompt-tuning": lambda: up.PromptTuningConfig(num_virtual_tokens=N),
+        "prefix": lambda: up.PrefixTuningConfig(num_virtual_tokens=N),
+        "prefix-gqa": lambda: up.PrefixTuningConfig(num_virtual_tokens=N),
+        "p-tuning": lambda: up.PTuningConfig(num_virtual_tokens=N, encoder_hidden_size=8),
+        "prefix-projection": lambda: up.PrefixTuningConfig(num_virtual_tokens=N, prefix_projection=True,
+                                                           encoder_hidden_size=8)}
+
+
 @pytest.mark.parametrize("case", ["bert-prompt-tuning", "gpt2-prompt-tuning", "bert-prefix", "gpt2-prefix",
-                                  "llama-prefix-gqa"])
+                                  "llama-prefix-gqa", "gpt2-p-tuning", "gpt2-prefix-projection"])
 def test_peft_loads_our_folder_with_identical_outputs(case, tmp_path):
     kind, task, make = CASES[case]
     peft_cfg = make(task)
-    kwargs = {k: getattr(peft_cfg, k) for k in ("num_virtual_tokens",)}
-    cls = up.PromptTuningConfig if "prompt" in case else up.PrefixTuningConfig
-    cfg = cls(task_type=task, **kwargs, modules_to_save=["classifier"] if task == "SEQ_CLS" else None)
+    cfg = OURS[case.split("-", 1)[1]]().replace(task_type=task,
+                                                modules_to_save=["classifier"] if task == "SEQ_CLS" else None)
     ours = up.adapt(build(kind), cfg)
     with torch.no_grad():
         for p in ours.parameters():
@@ -99,7 +106,9 @@ def test_peft_loads_our_folder_with_identical_outputs(case, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no missing/unexpected-key warning from PEFT
         theirs = peft.PeftModel.from_pretrained(build(kind), tmp_path).eval()
-    torch.testing.assert_close(_peft_logits(theirs, batch, task), expected, **TOL)
+    got = _peft_logits(theirs, batch, task)
+    torch.testing.assert_close(got, expected, **TOL)
+    assert (got - _ours(build(kind), batch)).abs().max() > 1e-3, "the adapter does nothing"
 
 
 @pytest.mark.parametrize("case", ["bert-prompt-tuning", "gpt2-prompt-tuning", "gpt2-prefix"])
