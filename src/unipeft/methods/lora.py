@@ -151,11 +151,14 @@ class LoraLinear(LoraDelta):
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         a, b = self.lora_A.weight, self.lora_B.weight
         h = self.lora_dropout(x if x.dtype == a.dtype else x.to(a.dtype))
-        lora_out = F.linear(F.linear(h, a), b)
         if not self.use_dora:
-            if lora_out.dtype == base_out.dtype:
-                return torch.add(base_out, lora_out, alpha=self.scaling)
-            return base_out + (lora_out * self.scaling).to(base_out.dtype)
+            if h.dtype == base_out.dtype:
+                # One fused op for "B-projection, scale, add": addmm(base, hA, B^T, alpha=scaling).
+                out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), F.linear(h, a).reshape(-1, self.r),
+                                  b.t(), alpha=self.scaling)
+                return out.view(base_out.shape)
+            return base_out + (F.linear(F.linear(h, a), b) * self.scaling).to(base_out.dtype)
+        lora_out = F.linear(F.linear(h, a), b)
         # DoRA: the column norm is detached (DoRA paper, sec. 4.3), as PEFT does.
         norm = self._weight_norm(self._lora_weight().detach()).detach()
         scale = self.lora_magnitude_vector / norm
