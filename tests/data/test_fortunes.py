@@ -60,3 +60,4 @@ def test_real_default_categories():
     s = load_fortunes(DEFAULT_CATEGORIES, seed=0, max_per_category=200, max_chars=400)
     assert s.sizes() == {"train": 976, "valid": 209, "test": 209}
     assert len(set(s.train.labels)) == 8
+

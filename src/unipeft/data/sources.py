@@ -7,12 +7,15 @@ from .fortunes import DEFAULT_CATEGORIES, load_fortunes
 from .splits import DataError, LabeledVectors, Splits, split_examples
 
 SOURCES = ("fortunes", "digits", "file")
+SKLEARN_INSTALL = "pip install scikit-learn"  # the digits ship inside scikit-learn's wheel
 
 
 def load_digits(seed: int = 0, split: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> Splits:
     """scikit-learn's 1,797 8x8 digits as 64-d vectors scaled to [0, 1], split stratified by seed."""
-    from sklearn.datasets import load_digits as sk_digits
-
+    try:
+        from sklearn.datasets import load_digits as sk_digits
+    except ModuleNotFoundError:
+        raise DataError(f"data.source 'digits' needs scikit-learn; install it with: {SKLEARN_INSTALL}") from None
     bunch = sk_digits()
     features = (bunch.data / 16.0).astype("float32")
     examples = LabeledVectors(features, [int(y) for y in bunch.target], [str(d) for d in range(10)])
