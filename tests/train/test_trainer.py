@@ -124,7 +124,7 @@ def test_callbacks_order_clipping_groups_and_stop(tiny_bert, word_csv, tmp_path)
                       schedule={"name": "linear", "warmup_steps": 1})
     s = _run(cfg, callbacks=[rec])
     assert rec.events == ["begin", "step1", "opt", "end", "step2", "opt", "end", "eval", "step3", "opt", "end",
-                          "done"]
+                          "eval", "done"]  # a stopped run is evaluated at its last step
     assert s["steps"] == 3
     assert max(rec.norms) <= 0.01 * (1 + 1e-4)  # clipped before the callback sees them
     # group 0: default lr 3e-2, group 1: classifier 0.3; warm-up 1 step then linear decay over 15 steps

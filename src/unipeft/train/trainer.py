@@ -195,7 +195,7 @@ class Trainer:
                         st.epoch, st.batch_in_epoch = st.epoch + 1, 0
                         ctx.epoch = st.epoch
                     if (cfg.eval_every is not None and st.step % cfg.eval_every == 0) or \
-                            (cfg.eval_every is None and epoch_done) or st.step == self.max_steps:
+                            (cfg.eval_every is None and epoch_done) or st.step == self.max_steps or ctx.should_stop:
                         self._eval_valid(progress)
                     if cfg.save_every is not None and st.step % cfg.save_every == 0 and st.step < self.max_steps:
                         self._checkpoint()
