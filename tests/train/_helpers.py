@@ -83,7 +83,7 @@ def write_config(path: Path, **sections: Any) -> Path:
 
 
 def tiny_config(model_dir: Path, data_csv: Path, out: Path, **extra: Any) -> dict[str, Any]:
-    """A fast LoRA config on the tiny BERT and the word CSV; `extra` sections are merged (a method with a name replaces)."""
+    """A fast LoRA config on the tiny BERT and the word CSV; `extra` sections are merged (a named method replaces)."""
     cfg: dict[str, Any] = {
         "model": str(model_dir),
         "data": {"source": "file", "train": str(data_csv), "split": [0.6, 0.2, 0.2], "max_length": 32},

@@ -1,4 +1,4 @@
-"""`unipeft train/eval/predict/info` through unipeft.cli.main, and bad input: one error line, exit 2, nothing written."""
+"""`unipeft train/eval/predict/info` through unipeft.cli.main; bad input: one error line, exit 2, nothing written."""
 from __future__ import annotations
 
 import json
@@ -58,7 +58,8 @@ def test_predict_generates_for_causal_lm(tiny_gpt2, tmp_path, capsys):
         epochs=10, batch_size=4))
     assert main(["train", str(config), "--quiet"]) == 0
     capsys.readouterr()
-    assert main(["predict", str(tmp_path / "lm"), "is red a colour?", "is pink a colour?", "--max-new-tokens", "6"]) == 0
+    prompts = ["is red a colour?", "is pink a colour?"]
+    assert main(["predict", str(tmp_path / "lm"), *prompts, "--max-new-tokens", "6"]) == 0
     # the learned completion, and generation stops at the end-of-sequence token
     assert capsys.readouterr().out.splitlines() == ["yes indeed", "yes indeed"]
 
