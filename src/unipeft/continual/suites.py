@@ -32,7 +32,7 @@ def _digits() -> Benchmark:
 
 def _fortunes() -> Benchmark:
     from . import fortunes as f
-    return Benchmark("seq-fortunes", "Debian fortune categories, 4 tasks of 2, frozen MiniLM (top 2 layers run) + LoRA on every linear + head",
+    return Benchmark("seq-fortunes", "Debian fortune categories, 4 tasks of 2, frozen MiniLM (top layer run) + LoRA on every linear + head",
                      f.seq_fortunes_stream, f.seq_fortunes_model, f.seq_fortunes_config)
 
 
