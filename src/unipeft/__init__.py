@@ -3,6 +3,7 @@ from .core import (AdaptedModel, AdapterConfig, AdapterLoadError, Capabilities, 
                    TargetError, UnipeftError, adapt, capability_table, get_method, public_methods, register,
                    trainable_report)
 from .methods import BitFitConfig, IA3Config, LNTuningConfig, LoraConfig
+from .methods import CQDCalibratorConfig
 from .methods import (BottleneckConfig, DeptConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig, SSFConfig,
                       FusionConfig, PolyConfig, add_mam, fuse)
 from .methods import (DiffPruningConfig, HftConfig, LisaConfig, S2ftConfig, SaraConfig, SpielConfig, SptConfig,
@@ -17,3 +18,4 @@ __all__ += ["DiffPruningConfig", "HftConfig", "LisaConfig", "S2ftConfig", "SaraC
             "TrainingHooks", "spt_adapt"]
 __all__ += ["BottleneckConfig", "DeptConfig", "PrefixTuningConfig", "PromptTuningConfig", "PTuningConfig",
             "SSFConfig", "add_mam", "FusionConfig", "PolyConfig", "fuse"]
+__all__ += ["CQDCalibratorConfig"]

@@ -44,7 +44,7 @@ def trained(umls, small_predictor, queries):
 def test_registered_with_honest_capabilities():
     spec = up.get_method("cqd_calibrator")
     caps = spec.capabilities
-    assert spec.config_cls is CQDCalibratorConfig and spec.delta_cls is CQDCalibratorDelta
+    assert spec.config_cls is CQDCalibratorConfig is up.CQDCalibratorConfig and spec.delta_cls is CQDCalibratorDelta
     assert not caps.mergeable  # a score re-scaling has no weight-space form
     assert caps.mixed_batch and not caps.peft_compatible and CQDCalibratorConfig.peft_type == "CQD_CALIBRATOR"
 
