@@ -1,0 +1,128 @@
+"""Reproduce FPF / k-FPF on the offline benchmarks: every method side by side, 3 seeds, JSON + markdown.
+
+    python -m benchmarks.continual_fpf                       # both benchmarks, seeds 0 1 2
+    python -m benchmarks.continual_fpf --benchmark seq-digits --seeds 0
+
+Claims checked (Zhao et al., "Does Continual Learning Equally Forget All Parameters?", ICML 2023):
+FPF at the end improves ER and DER++; k-FPF (no replay during training, FPF k times) is
+comparable to FPF at a fraction of their compute. Ablations on Seq-Digits: k-FPF at FPF's
+budget, and fine-tuning *all* modules on the buffer at the end instead of the selected ones.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).with_name("results")
+
+
+def _versions() -> dict:
+    import sklearn
+    import transformers
+
+    import unipeft
+    return {"unipeft": unipeft.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "scikit-learn": sklearn.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+def _add_variant(payload: dict, variant: dict, method: str, label: str) -> None:
+    """Put `method` of an ablation run into `payload` as row `label`, compute relative to payload's ER."""
+    from unipeft.continual.suites import _mean_std
+
+    rows = []
+    for er, row in zip(payload["per_seed"]["er"], variant["per_seed"][method]):
+        c, ref = row["compute"], er["compute"]
+        row = {**row, "method": label, "vs_er": {
+            "flops": c["flops"] / ref["flops"], "optimizer_steps": c["optimizer_steps"] / ref["optimizer_steps"],
+            "batch_steps": c["batch_steps"] / ref["batch_steps"], "wall_time": c["wall_seconds"] / ref["wall_seconds"],
+            "cpu_time": c["train_cpu_seconds"] / ref["train_cpu_seconds"]}}
+        rows.append(row)
+    payload["per_seed"][label] = rows
+    stats = {"final_average_accuracy": [r["final_average_accuracy"] for r in rows],
+             "average_forgetting": [r["average_forgetting"] for r in rows],
+             **{f"{k}_vs_er": [r["vs_er"][k] for r in rows] for k in rows[0]["vs_er"]}}
+    payload["summary"][label] = {k: dict(zip(("mean", "std"), _mean_std(v))) for k, v in stats.items()}
+    payload["methods"].append(label)
+    payload.setdefault("ablation_configs", {})[label] = variant["config"]
+
+
+def _paired(payload: dict, a: str, b: str) -> dict:
+    """Per-seed difference of final average accuracy a - b (same seed = same data order and init)."""
+    d = [x["final_average_accuracy"] - y["final_average_accuracy"]
+         for x, y in zip(payload["per_seed"][a], payload["per_seed"][b])]
+    return {"per_seed": d, "mean": statistics.fmean(d), "std": statistics.stdev(d) if len(d) > 1 else 0.0,
+            "all_positive": all(v > 0 for v in d)}
+
+
+def _ratio(payload: dict, a: str, b: str, key: str) -> float:
+    """Mean over seeds of compute[key] of a / of b."""
+    return statistics.fmean(x["compute"][key] / y["compute"][key]
+                            for x, y in zip(payload["per_seed"][a], payload["per_seed"][b]))
+
+
+def claims(payload: dict) -> dict:
+    """The paper's claims as numbers on this benchmark."""
+    s = payload["summary"]
+    out = {"fpf_improves_er": _paired(payload, "er+fpf", "er"),
+           "fpf_improves_derpp": _paired(payload, "derpp+fpf", "derpp")}
+    for k in ("kfpf", "kfpf-kd"):
+        for ref in ("er+fpf", "derpp+fpf"):
+            out[f"{k}_vs_{ref}"] = {
+                "accuracy_gap": s[k]["final_average_accuracy"]["mean"] - s[ref]["final_average_accuracy"]["mean"],
+                "batch_steps_ratio": _ratio(payload, k, ref, "batch_steps"),
+                "flops_ratio": _ratio(payload, k, ref, "flops"),
+                "cpu_time_ratio": _ratio(payload, k, ref, "train_cpu_seconds")}
+    return out
+
+
+def run(name: str, seeds: list[int]) -> dict:
+    """All methods of one benchmark side by side (plus the Seq-Digits ablations)."""
+    from unipeft.continual import DEFAULT_METHODS, get_benchmark, run_benchmark
+
+    t0 = time.perf_counter()
+    payload = run_benchmark(name, list(DEFAULT_METHODS), seeds, progress=False)
+    if name == "seq-digits":
+        cfg = get_benchmark(name).preset()
+        low = dataclasses.replace(cfg, kfpf_budget=cfg.fpf.budget)
+        _add_variant(payload, run_benchmark(name, ["kfpf"], seeds, config=low, progress=False), "kfpf",
+                     f"kfpf, budget {cfg.fpf.budget} (ablation)")
+        every = dataclasses.replace(cfg, fpf=dataclasses.replace(cfg.fpf, budget=1.0))
+        _add_variant(payload, run_benchmark(name, ["er+fpf"], seeds, config=every, progress=False), "er+fpf",
+                     "er + fine-tune all modules (ablation)")
+    payload["claims"] = claims(payload)
+    payload["benchmark_seconds"] = time.perf_counter() - t0
+    return payload
+
+
+def main() -> None:
+    """Run the benchmarks, write benchmarks/results/continual_fpf.json and print the tables."""
+    from unipeft.continual import markdown_table
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--benchmark", nargs="+", default=["seq-digits", "seq-fortunes"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=RESULTS / "continual_fpf.json")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)  # the machine is shared; tiny models gain nothing from more threads
+    result = {"versions": _versions(), "seeds": args.seeds, "benchmarks": {}}
+    for name in args.benchmark:
+        result["benchmarks"][name] = run(name, args.seeds)
+        print("\n" + markdown_table(result["benchmarks"][name]) + "\n", flush=True)
+        print(json.dumps(result["benchmarks"][name]["claims"], indent=1), flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")  # after each benchmark: nothing is lost
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
