@@ -89,15 +89,15 @@ def run(name: str, seeds: list[int]) -> dict:
     from unipeft.continual import DEFAULT_METHODS, get_benchmark, run_benchmark
 
     t0 = time.perf_counter()
-    payload = run_benchmark(name, list(DEFAULT_METHODS), seeds, progress=False)
+    payload = run_benchmark(name, list(DEFAULT_METHODS), seeds, progress=False, warmup=True)
     if name == "seq-digits":
         cfg = get_benchmark(name).preset()
         low = dataclasses.replace(cfg, kfpf_budget=cfg.fpf.budget)
-        _add_variant(payload, run_benchmark(name, ["kfpf"], seeds, config=low, progress=False), "kfpf",
-                     f"kfpf, budget {cfg.fpf.budget} (ablation)")
+        ablation = run_benchmark(name, ["kfpf"], seeds, config=low, progress=False, warmup=True)
+        _add_variant(payload, ablation, "kfpf", f"kfpf, budget {cfg.fpf.budget} (ablation)")
         every = dataclasses.replace(cfg, fpf=dataclasses.replace(cfg.fpf, budget=1.0))
-        _add_variant(payload, run_benchmark(name, ["er+fpf"], seeds, config=every, progress=False), "er+fpf",
-                     "er + fine-tune all modules (ablation)")
+        ablation = run_benchmark(name, ["er+fpf"], seeds, config=every, progress=False, warmup=True)
+        _add_variant(payload, ablation, "er+fpf", "er + fine-tune all modules (ablation)")
     payload["claims"] = claims(payload)
     payload["benchmark_seconds"] = time.perf_counter() - t0
     return payload

@@ -58,7 +58,8 @@ class FPFConfig:
         if self.loss not in (*FPF_LOSSES, "auto"):
             raise ContinualError(f"FPFConfig.loss: unknown {self.loss!r}; valid: ce, kd, auto")
         if not 0 < self.budget <= 1:
-            raise ContinualError(f"FPFConfig.budget: expected a fraction of the parameters in (0, 1], got {self.budget!r}")
+            raise ContinualError(f"FPFConfig.budget: expected a fraction of the parameters in (0, 1], "
+                                 f"got {self.budget!r}")
         if self.score not in SCORES:
             raise ContinualError(f"FPFConfig.score: unknown {self.score!r}; valid: {', '.join(SCORES)}")
         if self.steps < 0 or self.batch_size <= 0 or self.lr <= 0:

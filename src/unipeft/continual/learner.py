@@ -54,6 +54,17 @@ class CLConfig:
     eval_batch_size: int = 256
     progress: bool = True
 
+    def validate(self) -> None:
+        """Check the fields before any work; ContinualError names the bad one."""
+        self.fpf.validate()
+        if self.epochs <= 0 or self.batch_size <= 0 or self.buffer_size <= 0:
+            raise ContinualError(f"CLConfig: epochs, batch_size and buffer_size must be positive, got "
+                                 f"{self.epochs}, {self.batch_size}, {self.buffer_size}")
+        if self.kfpf_budget is not None and not 0 < self.kfpf_budget <= 1:
+            raise ContinualError(f"CLConfig.kfpf_budget: expected a fraction in (0, 1], got {self.kfpf_budget!r}")
+        if self.kfpf_k <= 0:
+            raise ContinualError(f"CLConfig.kfpf_k: k-FPF needs k >= 1, got {self.kfpf_k}")
+
 
 @dataclass
 class MethodSpec:
@@ -210,11 +221,7 @@ def run_continual(model: nn.Module, stream: TaskStream, method: str, config: CLC
     """Train `model` in place on `stream` with `method` (see METHODS) and return its CLResult."""
     spec = parse_method(method)
     cfg = config or CLConfig()
-    cfg.fpf.validate()
-    if cfg.epochs <= 0 or cfg.batch_size <= 0:
-        raise ContinualError(f"CLConfig: epochs and batch_size must be positive, got {cfg.epochs}, {cfg.batch_size}")
-    if cfg.kfpf_budget is not None and not 0 < cfg.kfpf_budget <= 1:
-        raise ContinualError(f"CLConfig.kfpf_budget: expected a fraction in (0, 1], got {cfg.kfpf_budget!r}")
+    cfg.validate()
     run = _Run(model, stream, spec, cfg, seed)
     model.train()
     if spec.base == "joint":
@@ -230,10 +237,9 @@ def run_continual(model: nn.Module, stream: TaskStream, method: str, config: CLC
 
     total = sum(cfg.epochs * _steps_per_epoch(t.train, cfg.batch_size) for t in stream)
     k = cfg.kfpf_k if spec.fpf == "k" else 0
-    if spec.fpf == "k" and k <= 0:
-        raise ContinualError(f"CLConfig.kfpf_k: k-FPF needs k >= 1, got {k}")
     if k > total:
-        raise ContinualError(f"CLConfig.kfpf_k: k={k} FPF phases need at least k training steps; the stream has {total}")
+        raise ContinualError(f"CLConfig.kfpf_k: k={k} FPF phases need at least k training steps; "
+                             f"the stream has {total}")
     # Evenly spaced, the last one after the last step; distinct because k <= total.
     fpf_at = {round(total * i / k) for i in range(1, k + 1)} if k else set()
     kfpf_budget = cfg.kfpf_budget if cfg.kfpf_budget is not None else cfg.fpf.budget

@@ -32,7 +32,8 @@ def _digits() -> Benchmark:
 
 def _fortunes() -> Benchmark:
     from . import fortunes as f
-    return Benchmark("seq-fortunes", "Debian fortune categories, 4 tasks of 2, frozen MiniLM (top layer run) + LoRA on every linear + head",
+    return Benchmark("seq-fortunes", "Debian fortune categories, 4 tasks of 2, frozen MiniLM (top layer run) "
+                     "+ LoRA on every linear + head",
                      f.seq_fortunes_stream, f.seq_fortunes_model, f.seq_fortunes_config)
 
 
@@ -81,15 +82,23 @@ def _row(res: CLResult, er: CLResult | None) -> dict:
 
 def run_benchmark(name: str, methods: Sequence[str], seeds: Sequence[int], scenario: str = "class-il",
                   config: CLConfig | None = None, progress: bool = True,
-                  log: Callable[[str], None] = print) -> dict:
-    """Run `methods` on benchmark `name` for every seed; per-seed results plus mean and std per method."""
+                  log: Callable[[str], None] = print, warmup: bool = False) -> dict:
+    """Run `methods` on benchmark `name` for every seed; per-seed results plus mean and std per method.
+
+    `warmup` first runs one unrecorded epoch, so that one-time start-up costs (kernel and
+    allocator warm-up) do not land in the wall time of whichever method happens to run first.
+    """
     bench = get_benchmark(name)
     runs = training_runs(methods)  # validates every method name before any work
     if not seeds:
         raise ContinualError("run_benchmark: give at least one seed")
     cfg = config or bench.preset()
+    cfg.validate()  # before the (possibly slow) data preparation
     cfg.progress = progress
     stream = bench.stream(scenario)
+    if warmup:
+        run_continual(bench.model(seeds[0], stream), stream, runs[0],
+                      dataclasses.replace(cfg, epochs=1, kfpf_k=1), seeds[0])
     per_seed: dict[str, list[dict]] = {m: [] for m in methods}
     last: dict[str, CLResult] = {}
     for seed in seeds:
@@ -129,7 +138,8 @@ def _fmt(stat: dict, pct: bool = True, ratio: bool = False) -> str:
 def markdown_table(payload: dict) -> str:
     """A markdown table of a `run_benchmark` payload: accuracy, forgetting and compute relative to ER."""
     lines = [f"{payload['benchmark']} ({payload['scenario']}, seeds {payload['seeds']}; mean ± std over seeds)", "",
-             "| method | final avg. accuracy (%) | avg. forgetting (%) | batch-steps vs ER | optimizer.step() calls vs ER "
+             "| method | final avg. accuracy (%) | avg. forgetting (%) | batch-steps vs ER "
+             "| optimizer.step() calls vs ER "
              "| FLOPs vs ER | wall time vs ER | CPU time vs ER |", "|---|---|---|---|---|---|---|---|"]
     for m in payload["methods"]:
         s = payload["summary"][m]
