@@ -32,7 +32,7 @@ def test_two_processes_match_one(tiny_bert, word_csv, tmp_path):
     train_run(config_from_dict(one), show_progress=False, log=lambda *_: None)
 
     s1, s2 = summary(tmp_path / "one"), summary(tmp_path / "two")
-    assert (s1["world_size"], s2["world_size"]) == (1, 2)
+    assert (s1["world_size"], s2["world_size"], s2["backend"]) == (1, 2, "gloo")
     a, b = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
     assert a.keys() == b.keys()
     largest = max(float(t.abs().max()) for k, t in a.items() if "lora_B" in k)

@@ -95,7 +95,7 @@ def _finish(trainer: Any, parts: RunParts, cfg: RunConfig, report: Any, state: A
         "trainable_percent": report.percent, "valid": state.last_eval, "test": test,
         "train_seconds": state.train_seconds, "samples_per_second": state.samples / max(1e-9, state.train_seconds),
         "wall_seconds_this_process": time.perf_counter() - started, "world_size": acc.num_processes,
-        "seed": cfg.seed, "resumed": resumed,
+        "backend": acc.state.backend if acc.num_processes > 1 else None, "seed": cfg.seed, "resumed": resumed,
     }
     out, run_dir = Path(cfg.output_dir), partial_dir(cfg.output_dir)
     if acc.is_main_process:
