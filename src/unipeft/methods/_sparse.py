@@ -142,7 +142,7 @@ def path_seed(seed: int, path: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(path.encode())) % (2 ** 31)
 
 
-def check_ratio(cls: str, name: str, value: float, low_open: bool = True) -> None:
+def check_ratio(cls: str, name: str, value: float) -> None:
     """ConfigError unless 0 < value <= 1."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value <= 1.0:
         raise ConfigError(f"{cls}.{name}: expected a number with 0 < {name} <= 1, got {value!r}")

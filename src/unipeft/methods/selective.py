@@ -8,8 +8,6 @@ exist only for the active part and the frozen updates stay bit-identical through
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -172,9 +170,6 @@ class HftCallback(_PeriodicSelection):
             n = len(group) // 2 + (len(group) % 2) * (period % 2)
             chosen |= {group[i].path for i in torch.randperm(len(group), generator=g)[:n].tolist()}
         return chosen
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
 
 
 _CAPS = Capabilities(mergeable=True, mixed_batch=True, layer_types=SPARSE_LAYERS)

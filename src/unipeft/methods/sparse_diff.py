@@ -10,8 +10,6 @@ The phase is part of the config, so a saved adapter reloads in the phase it was 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -134,9 +132,6 @@ class DiffPruningCallback(TrainerCallback):
     def on_train_begin(self, ctx: TrainContext) -> None:
         if self.config.phase == "dense" and self.config.prune_at == 0:
             prune(self.model, self.name, ctx.optimizer)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"phase": self.config.phase}
 
 
 register("diff_pruning", DiffPruningConfig,

@@ -128,19 +128,22 @@ class SpielCallback(TrainerCallback):
         self.model, self.name, self.config = model, adapter_name, config
         self.updates = 0
 
-    def _due(self, ctx: TrainContext) -> bool:
-        step = ctx.step + 1  # the step about to run (on_step_begin) / just run (on_step_end: ctx.step)
-        return step % self.config.update_every == 0 and step <= self.config.updates_until * ctx.max_steps
+    def _due(self, step: int, max_steps: int) -> bool:
+        """Whether optimizer step `step` (1-based) updates the index set."""
+        return step % self.config.update_every == 0 and step <= self.config.updates_until * max_steps
+
+    def _count(self, d: SpielDelta) -> int:
+        return max(1, round(self.config.drop_fraction * d.values.numel()))
 
     def on_step_begin(self, ctx: TrainContext) -> None:
-        if self._due(ctx):
+        if self._due(ctx.step + 1, ctx.max_steps):  # arm the probe for the step about to run
             for d in sparse_deltas(self.model, self.name, SpielDelta):
-                d.probe(max(1, round(self.config.drop_fraction * d.values.numel())))
+                d.probe(self._count(d))
 
     def on_step_end(self, ctx: TrainContext) -> None:
-        if (ctx.step - 1) >= 0 and self._due(TrainContext(ctx.model, ctx.optimizer, ctx.step - 1, ctx.max_steps)):
+        if self._due(ctx.step, ctx.max_steps):
             for d in sparse_deltas(self.model, self.name, SpielDelta):
-                d.regrow(max(1, round(self.config.drop_fraction * d.values.numel())), ctx.optimizer)
+                d.regrow(self._count(d), ctx.optimizer)
             self.updates += 1
 
     def state_dict(self) -> dict[str, Any]:
