@@ -8,7 +8,7 @@ result.final_average_accuracy, result.average_forgetting, result.compute
 print(result.drift.table())          # modules ranked by forgetting score, FPF's selection marked
 ```
 The benchmarks (`cl.run_benchmark("seq-digits", ["er", "er+fpf"], seeds=[0, 1, 2])`) and the
-CLI verb `unipeft continual` build on the same functions. See docs/continual.md.
+CLI verb `unipeft continual` build on the same functions (README, section "Continual learning").
 """
 from .buffer import BufferBatch, ReservoirBuffer
 from .compute import ComputeMeter
