@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, dest="kfpf_k", help="number of FPF phases of k-FPF")
     parser.add_argument("--report", action="store_true", help="print the per-module forgetting ranking of FPF")
     parser.add_argument("--json", type=Path, help="also write the full results (per seed, mean, std) to this file")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: these small models run slower with more)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and methods, then exit")
 
@@ -51,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
         for name, text in METHODS.items():
             print(f"method    {name:<14} {text}")
         return 0
+    if args.threads < 1:
+        raise suites.ContinualError(f"--threads: expected a positive number, got {args.threads}")
+    import torch
+    torch.set_num_threads(args.threads)
     bench = suites.get_benchmark(args.benchmark)
     methods = _methods(args.method)
     for m in methods:
