@@ -34,7 +34,7 @@ OUT = ROOT / "benchmarks" / "results" / "sara_repro.json"
 HELD_OUT = ["art", "education", "medicine", "wisdom", "pets", "kids"]  # not among the task's categories
 HELD_OUT_TEXTS = 240
 TARGETS = "[query, key, value, dense]"
-SMALL_BATCH = 4  # a second memory probe where activations weigh less than the trained state  # the shipped LoRA config's targets, for SaRA too
+SMALL_BATCH = 4  # a memory probe where activations weigh less than the trained state  # the shipped LoRA config's targets, for SaRA too
 
 VARIANTS: dict[str, list[str]] = {
     "lora": [],
@@ -139,7 +139,7 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
-def probe_memory(name: str, steps: int, batch_size: int | None = None) -> None:
+def probe_memory(name: str, steps: int, batch_size: int | None = None, checkpointing: bool = False) -> None:
     """(child) Peak resident memory of adapting + `steps` training steps, above the loaded base model; prints JSON."""
     import torch
 
@@ -174,6 +174,8 @@ def probe_memory(name: str, steps: int, batch_size: int | None = None) -> None:
         pass
     rss0 = _status("VmRSS")  # base model and data loaded; nothing of the method exists yet
     model = apply_method(base, cfg, method_config)  # adapter structures (e.g. SaRA's indices) count
+    if checkpointing:  # what the trainer's gradient_checkpointing option does
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = build_optimizer(model, cfg.optimizer, method_param_groups(model))
     hooks = TrainingHooks(model, opt, max_steps=steps)  # SaRA: nuclear gradient and one re-selection
     model.train()
@@ -193,12 +195,12 @@ def probe_memory(name: str, steps: int, batch_size: int | None = None) -> None:
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     print(json.dumps({"peak_mb": round((peak - rss0) / 1024, 1), "base_rss_mb": round(rss0 / 1024, 1),
                       "optimizer_state_mb": round(state / 2 ** 20, 1), "gradient_mb": round(grads / 2 ** 20, 1),
-                      "batch_size": cfg.batch_size,
+                      "batch_size": cfg.batch_size, "gradient_checkpointing": checkpointing,
                       "steps": steps, "tokens_per_batch": [int(b["input_ids"].numel()) for b in batches],
                       "probe_step_seconds": statistics.median(times[1:] or times)}))
 
 
-def measure_memory(name: str, steps: int, batch_size: int | None = None) -> dict:
+def measure_memory(name: str, steps: int, batch_size: int | None = None, checkpointing: bool = False) -> dict:
     """Run the memory probe of `name` in a fresh interpreter."""
     # glibc returns freed blocks above this size to the OS at once, so VmHWM tracks live tensors
     # instead of whatever the allocator happened to keep cached (same setting for every method).
@@ -206,19 +208,32 @@ def measure_memory(name: str, steps: int, batch_size: int | None = None) -> dict
     cmd = [sys.executable, "-m", "benchmarks.sara_repro", "--probe", name, "--probe-steps", str(steps)]
     if batch_size:
         cmd += ["--probe-batch", str(batch_size)]
+    if checkpointing:
+        cmd += ["--probe-checkpointing"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+MEMORY_SETTINGS = {"memory": {}, "memory_batch4": {"batch_size": SMALL_BATCH},
+                   "memory_checkpointing": {"checkpointing": True}}
+
+
+def memory_probes(name: str, steps: int) -> dict:
+    """The three memory settings: the task's batch, a small batch, the task's batch with gradient checkpointing."""
+    return {key: measure_memory(name, steps, **kw) for key, kw in MEMORY_SETTINGS.items()}
 
 
 # ---- main -------------------------------------------------------------------------------------------
 def table(results: dict) -> str:
     """The markdown table of the README section."""
-    rows = ["| method | trainable params | test accuracy (mean ± sd) | peak train memory, batch 16 / 4 (MB) | "
-            "grads + optimizer state (MB) | step time (s) | embedding drift (1 - cos) | relative L2 drift |",
+    rows = ["| method | trainable params | test accuracy (mean ± sd) | peak train memory (MB): batch 16 / 4 / 16 with "
+            "checkpointing | grads + optimizer state (MB) | step time (s) | embedding drift (1 - cos) | "
+            "relative L2 drift |",
             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results["methods"].items():
         rows.append(f"| {name} | {r['trainable_params']:,} | {r['accuracy_mean']:.3f} ± {r['accuracy_sd']:.3f} | "
-                    f"{r['memory']['peak_mb']:.0f} / {r.get('memory_batch4', {}).get('peak_mb', float('nan')):.0f} | "
+                    f"{r['memory']['peak_mb']:.0f} / {r['memory_batch4']['peak_mb']:.0f} / "
+                    f"{r['memory_checkpointing']['peak_mb']:.0f} | "
                     f"{r['memory'].get('gradient_mb', 0) + r['memory'].get('optimizer_state_mb', 0):.1f} | "
                     f"{r['step_seconds_median']:.3f} | "
                     f"{r['cosine_drift_mean']:.4f} | {r['relative_l2_mean']:.3f} |")
@@ -234,17 +249,17 @@ def main() -> None:
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--probe-steps", type=int, default=8)
     parser.add_argument("--probe-batch", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--probe-checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory-only", action="store_true", help="re-run only the memory probes into the JSON")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.probe:
-        probe_memory(args.probe, args.probe_steps, args.probe_batch)
+        probe_memory(args.probe, args.probe_steps, args.probe_batch, args.probe_checkpointing)
         return
     if args.memory_only:
         results = json.loads(OUT.read_text())
         for n, m in results["methods"].items():
-            m["memory"] = measure_memory(n, args.probe_steps)
-            m["memory_batch4"] = measure_memory(n, args.probe_steps, SMALL_BATCH)
+            m.update(memory_probes(n, args.probe_steps))
         finish(results)
         return
     import torch
@@ -266,8 +281,7 @@ def main() -> None:
                       flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    memory = {n: measure_memory(n, args.probe_steps) for n in names}
-    memory_small = {n: measure_memory(n, args.probe_steps, SMALL_BATCH) for n in names}
+    memory = {n: memory_probes(n, args.probe_steps) for n in names}
     methods = {}
     for n in names:
         acc = [r["accuracy"] for r in runs[n]]
@@ -277,7 +291,7 @@ def main() -> None:
             "step_seconds_median": statistics.median(r["step_seconds"] for r in runs[n]),
             "cosine_drift_mean": statistics.mean(r["cosine_drift"] for r in runs[n]),
             "relative_l2_mean": statistics.mean(r["relative_l2"] for r in runs[n]),
-            "memory": memory[n], "memory_batch4": memory_small[n], "runs": runs[n]}
+            **memory[n], "runs": runs[n]}
     results = {"config": str(CONFIG.relative_to(ROOT)), "seeds": seeds, "max_steps": args.max_steps,
                "held_out_categories": HELD_OUT, "held_out_texts": held[2], "methods": methods,
                "torch_threads": 1, "torch": torch.__version__, "python": platform.python_version(),
@@ -291,7 +305,7 @@ def finish(results: dict) -> None:
     methods = results["methods"]
     if {"sara", "lora", "full"} <= set(methods):
         claims = {}
-        for key in ("memory", "memory_batch4"):
+        for key in MEMORY_SETTINGS:
             m = {n: methods[n][key]["peak_mb"] for n in ("sara", "lora", "full")}
             claims[key] = {"sara_le_lora": m["sara"] <= m["lora"], "sara_le_60pct_full": m["sara"] <= 0.6 * m["full"],
                            "sara_over_full": m["sara"] / m["full"], "sara_over_lora": m["sara"] / m["lora"]}
