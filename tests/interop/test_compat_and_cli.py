@@ -81,3 +81,20 @@ def test_import_of_a_broken_folder_fails_cleanly(tmp_path, capsys):
 def test_cli_help_lists_verbs():
     out = subprocess.run([sys.executable, "-m", "unipeft.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "import" in out.stdout and "export" in out.stdout
+
+
+def test_import_and_export_verbs_carry_prompt_learning_folders(tmp_path):
+    """PEFT's prompt tuning keeps `prompt_embeddings` at the file root: the verbs accept and keep it."""
+    pm = peft.get_peft_model(build("gpt2"), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with torch.no_grad():
+        pm.prompt_encoder["default"].embedding.weight.add_(0.5)
+    pm.save_pretrained(tmp_path / "from_peft")
+    assert cli(["import", "--from", "peft", str(tmp_path / "from_peft"), str(tmp_path / "ours")]) == 0
+    assert cli(["export", "--to", "peft", str(tmp_path / "ours"), str(tmp_path / "back")]) == 0
+    batch = inputs("gpt2")
+    ours = up.AdaptedModel.from_pretrained(build("gpt2"), tmp_path / "ours").eval()
+    back = peft.PeftModel.from_pretrained(build("gpt2"), tmp_path / "back").eval()
+    with torch.no_grad():
+        theirs = back(**batch).logits[:, 3:]  # peft also returns the virtual positions
+        torch.testing.assert_close(ours(**batch).logits, theirs, atol=1e-5, rtol=1e-5)
+        assert (theirs - build("gpt2")(**batch).logits).abs().max() > 1e-3  # the prompt is really applied

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..core.config import CONFIG_NAME, AdapterConfig
 from ..core.errors import AdapterLoadError, ConfigError
-from ..core.registry import method_for_config
+from ..core.registry import get_method, method_for_config
 from ..core.state import PREFIX, WEIGHTS_NAME, read_adapter
 
 # PEFT's PeftModelForSequenceClassification trains these heads as modules_to_save.
@@ -27,16 +27,27 @@ def apply_task_type(config: AdapterConfig) -> AdapterConfig:
     return config
 
 
+def _peft_types() -> list[str]:
+    """PEFT type names of the registered methods PEFT can read."""
+    from ..core.registry import public_methods
+
+    specs = [get_method(n) for n in public_methods()]
+    return sorted({s.config_cls.peft_type for s in specs if s.capabilities.peft_compatible})
+
+
 def check_peft_folder(directory: str | Path) -> tuple[AdapterConfig, dict]:
     """Read a PEFT-format adapter folder and check that PEFT itself can read it back."""
     config, tensors = read_adapter(directory)
     spec = method_for_config(config)
     if not spec.capabilities.peft_compatible:
         raise ConfigError(f"{directory}: method '{spec.name}' ({config.peft_type}) has no PEFT equivalent; "
-                          f"PEFT-compatible methods: LORA, IA3, LN_TUNING")
-    bad = [k for k in tensors if not k.startswith(PREFIX)]
+                          f"PEFT-compatible methods: {', '.join(_peft_types())}")
+    prefix = getattr(type(config), "state_prefix", PREFIX)
+    # Prompt-learning methods keep their own tensors at the file's root (PEFT's `prompt_embeddings`).
+    rooted = getattr(spec.delta_cls, "state_at_root", False)
+    bad = [k for k in tensors if not k.startswith(prefix) and not (rooted and "." not in k)]
     if bad:
-        raise AdapterLoadError(f"{directory}: tensor keys must start with '{PREFIX}', e.g. {bad[0]!r} does not")
+        raise AdapterLoadError(f"{directory}: tensor keys must start with '{prefix}', e.g. {bad[0]!r} does not")
     return config, tensors
 
 
