@@ -15,6 +15,9 @@ from .interop.peft import apply_task_type
 from .methods.full_copy import LNTuningConfig as _LNTuning
 from .methods.ia3 import IA3Config as _IA3
 from .methods.lora import LoraConfig as _Lora
+from .methods.prefix import PrefixTuningConfig as _Prefix
+from .methods.prompts import PromptTuningConfig as _Prompt
+from .methods.prompts import PTuningConfig as _PTuning
 
 
 class TaskType(str, enum.Enum):
@@ -50,6 +53,25 @@ def LNTuningConfig(**kwargs: Any) -> _LNTuning:  # noqa: N802
     return _from_peft_kwargs(_LNTuning, kwargs)
 
 
+def PromptTuningConfig(**kwargs: Any) -> _Prompt:  # noqa: N802
+    """PEFT's PromptTuningConfig fields (prompt_tuning_init, prompt_tuning_init_text...) -> up.PromptTuningConfig."""
+    if isinstance(kwargs.get("prompt_tuning_init"), enum.Enum):
+        kwargs = {**kwargs, "prompt_tuning_init": kwargs["prompt_tuning_init"].value}
+    return _from_peft_kwargs(_Prompt, kwargs)
+
+
+def PrefixTuningConfig(**kwargs: Any) -> _Prefix:  # noqa: N802
+    """PEFT's PrefixTuningConfig fields -> up.PrefixTuningConfig."""
+    return _from_peft_kwargs(_Prefix, kwargs)
+
+
+def PromptEncoderConfig(**kwargs: Any) -> _PTuning:  # noqa: N802
+    """PEFT's PromptEncoderConfig (P-tuning) fields -> up.PTuningConfig."""
+    if isinstance(kwargs.get("encoder_reparameterization_type"), enum.Enum):
+        kwargs = {**kwargs, "encoder_reparameterization_type": kwargs["encoder_reparameterization_type"].value}
+    return _from_peft_kwargs(_PTuning, kwargs)
+
+
 def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default") -> AdaptedModel:
     """Like peft.get_peft_model: adapt `model`, training the task's head too (SEQ_CLS)."""
     return AdaptedModel(model, apply_task_type(peft_config), adapter_name)
@@ -65,4 +87,5 @@ class PeftModel:
         return AdaptedModel.from_pretrained(model, model_id, adapter_name, is_trainable)
 
 
-__all__ = ["IA3Config", "LNTuningConfig", "LoraConfig", "PeftModel", "TaskType", "get_peft_model"]
+__all__ = ["IA3Config", "LNTuningConfig", "LoraConfig", "PeftModel", "PrefixTuningConfig", "PromptEncoderConfig",
+           "PromptTuningConfig", "TaskType", "get_peft_model"]

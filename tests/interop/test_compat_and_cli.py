@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -98,3 +99,29 @@ def test_import_and_export_verbs_carry_prompt_learning_folders(tmp_path):
         theirs = back(**batch).logits[:, 3:]  # peft also returns the virtual positions
         torch.testing.assert_close(ours(**batch).logits, theirs, atol=1e-5, rtol=1e-5)
         assert (theirs - build("gpt2")(**batch).logits).abs().max() > 1e-3  # the prompt is really applied
+
+
+def test_compat_prompt_configs_take_peft_field_names_and_match_peft():
+    from unipeft import compat
+
+    kw = dict(task_type=compat.TaskType.CAUSAL_LM, num_virtual_tokens=3)
+    pairs = [(compat.PromptTuningConfig(prompt_tuning_init="RANDOM", **kw), peft.PromptTuningConfig(**kw)),
+             (compat.PrefixTuningConfig(**kw), peft.PrefixTuningConfig(**kw)),
+             (compat.PromptEncoderConfig(encoder_reparameterization_type="MLP", encoder_hidden_size=8, **kw),
+              peft.PromptEncoderConfig(encoder_hidden_size=8, **kw))]
+    batch = inputs("gpt2")
+    for ours_cfg, peft_cfg in pairs:
+        theirs = peft.get_peft_model(build("gpt2"), peft_cfg).eval()
+        with torch.no_grad():  # move every trainable tensor off its init so equality means something
+            g = torch.Generator().manual_seed(0)
+            for p in theirs.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        ours = compat.get_peft_model(build("gpt2"), ours_cfg)
+        assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+        with tempfile.TemporaryDirectory() as tmp:
+            theirs.save_pretrained(tmp)
+            loaded = compat.PeftModel.from_pretrained(build("gpt2"), tmp).eval()
+        with torch.no_grad():
+            expected = theirs(**batch).logits[:, -batch["input_ids"].shape[1]:]
+            torch.testing.assert_close(loaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)
