@@ -131,14 +131,6 @@ def run_one(name: str, seed: int, max_steps: int | None, workdir: Path, held) ->
 
 
 # ---- peak memory, in a child process ----------------------------------------------------------------
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])  # kB
-    raise KeyError(key)
-
-
 def probe_memory(name: str, steps: int, batch_size: int | None = None, checkpointing: bool = False) -> None:
     """(child) Peak resident memory of adapting + `steps` training steps, above the loaded base model; prints JSON."""
     import torch
@@ -146,6 +138,8 @@ def probe_memory(name: str, steps: int, batch_size: int | None = None, checkpoin
     from unipeft.data.batching import epoch_batches
     from unipeft.data.encode import collate
     from unipeft.data.sources import load_data
+
+    from .memprobe import _status
     from unipeft.methods.sparse_hooks import TrainingHooks
     from unipeft.train import load_config
     from unipeft.train.callbacks import method_param_groups

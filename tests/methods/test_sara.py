@@ -36,19 +36,26 @@ def _data(seed: int = 1, n: int = 16):
     return torch.randn(n, 12, generator=g), torch.randn(n, 6, generator=g)
 
 
+def hooked_step(model, opt, hooks, x, y, before_end=None) -> None:
+    """One optimizer step on a squared loss, calling the method's hooks where the trainer does."""
+    hooks.step_begin()
+    loss = (model(x) - y).pow(2).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    hooks.before_optimizer_step()
+    opt.step()
+    if before_end is not None:
+        before_end()
+    hooks.step_end()
+
+
 def _train(model, steps: int, lr: float = 1e-2, hooks_steps: int | None = None, seed: int = 1):
     """Adam on the trainable parameters, driving the method's callbacks like the trainer does."""
     x, y = _data(seed)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     hooks = up.TrainingHooks(model, opt, max_steps=hooks_steps or steps)
     for _ in range(steps):
-        hooks.step_begin()
-        loss = (model(x) - y).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        hooks.before_optimizer_step()
-        opt.step()
-        hooks.step_end()
+        hooked_step(model, opt, hooks, x, y)
     return opt, hooks
 
 
@@ -176,16 +183,15 @@ def test_reselection_keeps_trained_values_and_selects_smallest_current_weights()
     old_indices = [d.indices.clone() for d in deltas]
     # step 5 triggers the re-selection
     xb, yb = _data(1)
-    hooks.step_begin()
-    loss = (model(xb) - yb).pow(2).mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    hooks.before_optimizer_step()
-    opt.step()
-    dense_step5 = [d.dense_delta().detach().clone() for d in deltas]
-    with torch.no_grad():
-        out_step5 = model(x)
-    hooks.step_end()
+    seen = {}
+
+    def record():  # after the optimizer step, before the re-selection
+        seen["dense"] = [d.dense_delta().detach().clone() for d in deltas]
+        with torch.no_grad():
+            seen["out"] = model(x)
+
+    hooked_step(model, opt, hooks, xb, yb, before_end=record)
+    dense_step5, out_step5 = seen["dense"], seen["out"]
     assert hooks.callbacks.callbacks[0].rounds == 1
     for d, dense, old in zip(deltas, dense_step5, old_indices):
         torch.testing.assert_close(d.dense_delta(), dense, rtol=0, atol=0)  # nothing trained is lost
@@ -201,13 +207,7 @@ def test_reselection_keeps_trained_values_and_selects_smallest_current_weights()
         assert (model(x) - out_before).abs().max() > 0
     frozen_before = [d.frozen_values.clone() for d in deltas]
     for _ in range(3):  # keep training: the frozen round stays as it was
-        hooks.step_begin()
-        loss = (model(xb) - yb).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        hooks.before_optimizer_step()
-        opt.step()
-        hooks.step_end()
+        hooked_step(model, opt, hooks, xb, yb)
     for d, f in zip(deltas, frozen_before):
         assert torch.equal(d.frozen_values, f)
     with torch.no_grad():

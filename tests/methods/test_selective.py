@@ -18,6 +18,8 @@ from unipeft.methods.sparse_spiel import SpielDelta
 from unipeft.methods.sparse_spt import SptSparse, sensitivity
 from unipeft.methods.lora import LoraLinear
 
+from .test_sara import hooked_step
+
 
 class Block(nn.Module):
     def __init__(self, d: int = 8) -> None:
@@ -56,14 +58,6 @@ def _batch(seed: int = 1, n: int = 12):
     return torch.randn(n, 8, generator=g), torch.randn(n, 3, generator=g)
 
 
-def _step(model, opt, hooks, x, y):
-    hooks.step_begin()
-    loss = (model(x) - y).pow(2).mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    hooks.before_optimizer_step()
-    opt.step()
-    hooks.step_end()
 
 
 def _deltas(model, name="default"):
@@ -83,7 +77,7 @@ def test_lisa_trains_sampled_layers_and_keeps_others_bit_identical():
     for period in range(3):
         before = _snapshot(model)
         for _ in range(3):
-            _step(model, opt, hooks, x, y)
+            hooked_step(model, opt, hooks, x, y)
         after = _snapshot(model)
         changed = {p for p in after if not torch.equal(after[p], before[p])}
         layers = {int(p.split(".")[2]) for p in changed if p.startswith("net.layers.")}
@@ -109,7 +103,7 @@ def test_hft_trains_exactly_half_of_each_layer_per_round():
     for _ in range(3):
         before = _snapshot(model)
         for _ in range(2):
-            _step(model, opt, hooks, x, y)
+            hooked_step(model, opt, hooks, x, y)
         after = _snapshot(model)
         changed = {p for p in after if not torch.equal(after[p], before[p])}
         trainable = {p for p, d in _deltas(model).items() if d.weight.requires_grad}
@@ -180,6 +174,7 @@ def test_s2ft_trains_only_the_selected_heads_and_channels():
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
     model = up.adapt(base, cfg)
     deltas = _deltas(model)
+    assert all(isinstance(d, S2ftDelta) for d in deltas.values())
     heads = deltas["0"].channels
     assert heads.numel() == round(0.34 * 4) * 4  # whole heads of 4 channels
     assert all((heads.view(-1, 4) - heads.view(-1, 4)[:, :1] == torch.arange(4)).all(1))
@@ -207,19 +202,17 @@ def test_diff_pruning_keeps_exactly_the_largest_entries_then_trains_them_only(tm
     hooks = up.TrainingHooks(model, opt, max_steps=8)
     x, y = _batch()
     for _ in range(3):
-        _step(model, opt, hooks, x, y)
-    dense = {p: d.weight.detach().clone() for p, d in _deltas(model).items()}
+        hooked_step(model, opt, hooks, x, y)
     assert all(isinstance(d, DiffDense) for d in _deltas(model).values())
-    hooks.step_begin()
-    loss = (model(x) - y).pow(2).mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    hooks.before_optimizer_step()
-    opt.step()
-    dense = {p: d.weight.detach().clone() for p, d in _deltas(model).items()}
-    with torch.no_grad():
-        out_dense = model(x)
-    hooks.step_end()  # step 4 = prune_at * 8: prune
+    seen = {}
+
+    def record():  # the dense diff just before pruning
+        seen["dense"] = {p: d.weight.detach().clone() for p, d in _deltas(model).items()}
+        with torch.no_grad():
+            seen["out"] = model(x)
+
+    hooked_step(model, opt, hooks, x, y, before_end=record)  # step 4 = prune_at * 8: prune
+    dense, out_dense = seen["dense"], seen["out"]
     assert model.peft_config["default"].phase == "sparse"
     for p, d in _deltas(model).items():
         assert isinstance(d, DiffSparse)
@@ -234,7 +227,7 @@ def test_diff_pruning_keeps_exactly_the_largest_entries_then_trains_them_only(tm
         assert (model(x) - out_dense).abs().max() > 0  # pruning dropped the small entries
     masks = {p: d.indices.clone() for p, d in _deltas(model).items()}
     for _ in range(3):
-        _step(model, opt, hooks, x, y)
+        hooked_step(model, opt, hooks, x, y)
     for p, d in _deltas(model).items():
         assert torch.equal(d.indices, masks[p])  # the mask stays fixed after pruning
     with torch.no_grad():
@@ -255,7 +248,7 @@ def test_spiel_prunes_smallest_and_regrows_largest_gradient_entries():
     hooks = up.TrainingHooks(model, opt, max_steps=6)
     x, y = _batch()
     for _ in range(2):
-        _step(model, opt, hooks, x, y)
+        hooked_step(model, opt, hooks, x, y)
     k = d.values.numel()
     n = round(0.25 * k)
     # step 3 updates the index set: compute what it should become

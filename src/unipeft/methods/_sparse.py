@@ -120,6 +120,13 @@ class SparseMatmul(torch.autograd.Function):
         return grad_x, grad_v, None, None
 
 
+def require_matrix_layer(base: nn.Module, config, path: str) -> None:
+    """TargetError unless `base` is a Linear or GPT-2 Conv1D (the layers whose weight is one matrix)."""
+    if not isinstance(base, SPARSE_LAYERS):
+        raise TargetError(f"{type(config).__name__}: module '{path}' is a {type(base).__name__}; supported: "
+                          f"Linear and GPT-2 Conv1D layers")
+
+
 def weight_2d(base: nn.Module) -> torch.Tensor:
     """The base weight as (out, in) (GPT-2's Conv1D stores it transposed)."""
     w = base.weight
@@ -169,9 +176,7 @@ class SparseDelta(Delta):
     def __init__(self, base: nn.Module, config, path: str, k: int, frozen_slots: int = 0,
                  init_indices: torch.Tensor | None = None) -> None:
         super().__init__(base, config, path)
-        if not isinstance(base, SPARSE_LAYERS):
-            raise TargetError(f"{type(config).__name__}: module '{path}' is a {type(base).__name__}; sparse deltas "
-                              f"support Linear and GPT-2 Conv1D layers")
+        require_matrix_layer(base, config, path)
         w = weight_2d(base)
         self.out_features, self.in_features = w.shape
         self.transposed = isinstance(base, Conv1D)

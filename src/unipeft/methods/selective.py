@@ -14,11 +14,11 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.delta import Delta
-from ..core.errors import ConfigError, TargetError
+from ..core.errors import ConfigError
 from ..core.registry import Capabilities, register
 from ..core.targets import layer_index
 from ..train.callbacks import TrainContext, TrainerCallback
-from ._sparse import SPARSE_LAYERS, reset_optimizer_state, weight_2d
+from ._sparse import SPARSE_LAYERS, require_matrix_layer, reset_optimizer_state, weight_2d
 
 
 class DenseDelta(Delta):
@@ -29,9 +29,7 @@ class DenseDelta(Delta):
 
     def __init__(self, base: nn.Module, config, path: str) -> None:
         super().__init__(base, config, path)
-        if not isinstance(base, SPARSE_LAYERS):
-            raise TargetError(f"{type(config).__name__}: module '{path}' is a {type(base).__name__}; supported: "
-                              f"Linear and GPT-2 Conv1D layers")
+        require_matrix_layer(base, config, path)
         w = weight_2d(base)
         self.transposed = not isinstance(base, nn.Linear)
         self.weight = nn.Parameter(torch.zeros(w.shape, dtype=torch.float32, device=w.device))

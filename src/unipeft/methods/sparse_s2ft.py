@@ -19,7 +19,7 @@ from ..core.delta import Delta
 from ..core.errors import ConfigError, TargetError
 from ..core.registry import Capabilities, register
 from ..core.targets import name_matches
-from ._sparse import SPARSE_LAYERS, check_ratio, path_seed, weight_2d
+from ._sparse import SPARSE_LAYERS, check_ratio, path_seed, require_matrix_layer, weight_2d
 
 
 @dataclass
@@ -63,9 +63,7 @@ class S2ftDelta(Delta):
 
     def __init__(self, base: nn.Module, config: S2ftConfig, path: str) -> None:
         super().__init__(base, config, path)
-        if not isinstance(base, SPARSE_LAYERS):
-            raise TargetError(f"S2ftConfig: module '{path}' is a {type(base).__name__}; supported: Linear and GPT-2 "
-                              f"Conv1D layers")
+        require_matrix_layer(base, config, path)
         w = weight_2d(base)
         self.transposed = not isinstance(base, nn.Linear)
         channels = select_channels(w.shape[1], config, path).to(w.device)
