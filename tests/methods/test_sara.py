@@ -288,3 +288,38 @@ def test_unipeft_train_runs_the_method_callbacks(tmp_path, method):
         frozen = [tensors[k.replace("_values", "_frozen_values")] for k in keys]
         assert all(torch.count_nonzero(f) > 0 for f in frozen)
     assert summary(tmp_path / "run")["steps"] == 4
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "sara", "ratio": 0.1, "schedule": [0.5], "target_modules": ["query", "value"]},
+    {"name": "spiel", "density": 0.05, "update_every": 2, "target_modules": ["query", "value"]},
+    {"name": "lisa", "n_layers": 1, "interval": 2, "target_modules": ["query", "value"]},
+])
+def test_resume_from_a_checkpoint_gives_the_uninterrupted_adapter(tmp_path, method):
+    """Checkpoints hold trainable tensors only: selections and frozen rounds travel in the callback state."""
+    from tests.train._helpers import adapter_tensors, make_tiny_bert, make_word_csv, tiny_config
+    from unipeft.train import TrainerCallback, config_from_dict, train_run
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, ctx):
+            if ctx.step == 5:  # after the checkpoint of step 4 (and after SaRA's re-selection at step 3)
+                raise RuntimeError("simulated crash")
+
+    model_dir = make_tiny_bert(tmp_path / "bert")
+    data = make_word_csv(tmp_path / "words.csv", per_class=12)
+
+    def cfg(out):
+        return config_from_dict(tiny_config(model_dir, data, tmp_path / out, method=method, max_steps=6, epochs=None,
+                                            save_every=2, eval_every=100))
+
+    train_run(cfg("plain"), show_progress=False, log=lambda *_: None)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_run(cfg("resumed"), show_progress=False, log=lambda *_: None, callbacks=[Crash()])
+    train_run(cfg("resumed"), resume=True, show_progress=False, log=lambda *_: None)
+    a, b = adapter_tensors(tmp_path / "plain"), adapter_tensors(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+        else:
+            assert torch.equal(a[k], b[k]), f"{k}: the selection differs after resuming"

@@ -287,3 +287,24 @@ def reset_optimizer_state(optimizer, params) -> None:
         return
     for p in params:
         optimizer.state.pop(p, None)
+
+
+SELECTION_BUFFERS = ("indices", "frozen_indices", "frozen_values")
+
+
+def selection_state(deltas: list[SparseDelta]) -> dict[str, dict[str, torch.Tensor]]:
+    """The index buffers of `deltas` by path: trainer checkpoints hold only trainable tensors, so a
+    method that changes its selection keeps these in its callback state for an exact resume."""
+    return {d.path: {k: getattr(d, k).detach().to("cpu").clone() for k in SELECTION_BUFFERS if hasattr(d, k)}
+            for d in deltas}
+
+
+def load_selection_state(deltas: list[SparseDelta], state: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Restore what selection_state() returned (paths must match)."""
+    missing = sorted({d.path for d in deltas} - set(state))
+    if missing:
+        raise ConfigError(f"checkpoint has no sparse selection for {missing[:3]}; was the config changed?")
+    with torch.no_grad():
+        for d in deltas:
+            for k, t in state[d.path].items():
+                getattr(d, k).copy_(t)

@@ -19,8 +19,8 @@ from ..core.config import AdapterConfig
 from ..core.errors import ConfigError
 from ..core.registry import Capabilities, register
 from ..train.callbacks import TrainContext, TrainerCallback
-from ._sparse import (SPARSE_LAYERS, SparseDelta, check_fractions, check_ratio, count_for, lowest_magnitude,
-                      sparse_deltas, weight_2d)
+from ._sparse import (SPARSE_LAYERS, SparseDelta, check_fractions, check_ratio, count_for, load_selection_state,
+                      lowest_magnitude, selection_state, sparse_deltas, weight_2d)
 
 
 @dataclass
@@ -30,6 +30,8 @@ class SaraConfig(AdapterConfig):
     nuclear_weight: weight of the nuclear-norm penalty on each sparse update matrix (0: off).
     schedule: fractions of the run after which the trainable set is re-selected (progressive
     parameter adjustment); [] keeps the first selection.
+    nuclear_every: apply the penalty's gradient every this many steps, scaled by it (an SVD per
+    matrix is the costly part on CPU; 1 = every step, as in the paper).
     """
 
     peft_type = "SARA"
@@ -38,6 +40,7 @@ class SaraConfig(AdapterConfig):
     ratio: float = 0.1
     nuclear_weight: float = 1e-4
     schedule: list[float] = field(default_factory=lambda: [0.5])
+    nuclear_every: int = 1
 
     def validate(self) -> None:
         super().validate()
@@ -45,6 +48,8 @@ class SaraConfig(AdapterConfig):
         if not isinstance(self.nuclear_weight, (int, float)) or self.nuclear_weight < 0:
             raise ConfigError(f"SaraConfig.nuclear_weight: expected a number >= 0, got {self.nuclear_weight!r}")
         check_fractions("SaraConfig", "schedule", self.schedule)
+        if not isinstance(self.nuclear_every, int) or isinstance(self.nuclear_every, bool) or self.nuclear_every <= 0:
+            raise ConfigError(f"SaraConfig.nuclear_every: expected a positive integer, got {self.nuclear_every!r}")
 
     def training_callbacks(self, model, adapter_name: str) -> list[TrainerCallback]:
         """The trainer calls these: nuclear-norm gradient before each step, re-selection on the schedule."""
@@ -114,8 +119,9 @@ class SaraCallback(TrainerCallback):
         return sparse_deltas(self.model, self.name, SaraDelta)
 
     def on_before_optimizer_step(self, ctx: TrainContext) -> None:
-        lam = self.config.nuclear_weight
-        if lam <= 0:
+        every = self.config.nuclear_every
+        lam = self.config.nuclear_weight * every
+        if lam <= 0 or ctx.step % every != 0:
             return
         for d in self._deltas():
             if d.values.grad is not None:
@@ -129,10 +135,12 @@ class SaraCallback(TrainerCallback):
             self.rounds += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rounds": self.rounds}
+        return {"rounds": self.rounds, "selection": selection_state(self._deltas())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rounds = int(state.get("rounds", 0))
+        if "selection" in state:
+            load_selection_state(self._deltas(), state["selection"])
 
 
 register("sara", SaraConfig, Capabilities(mergeable=True, mixed_batch=True, layer_types=SPARSE_LAYERS))(SaraDelta)

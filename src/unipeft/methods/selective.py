@@ -74,21 +74,25 @@ class _PeriodicSelection(TrainerCallback):
         raise NotImplementedError
 
     def on_step_begin(self, ctx: TrainContext) -> None:
-        if ctx.step % self.config.interval != 0 and self.active:
-            return
-        period = ctx.step // self.config.interval
         deltas = self.deltas()
-        chosen = self.choose(deltas, period)
-        for d in deltas:
-            on = d.path in chosen
-            if not on:
-                reset_optimizer_state(ctx.optimizer, d.parameters())
-            d.requires_grad_(on)
-        self.active = sorted(chosen)
+        if ctx.step % self.config.interval == 0 or not self.active:  # a new period (or a resumed run)
+            chosen = set(self.choose(deltas, ctx.step // self.config.interval))
+            for d in deltas:
+                if d.path not in chosen:  # frozen for the period: free its optimizer moments
+                    reset_optimizer_state(ctx.optimizer, d.parameters())
+            self.active = sorted(chosen)
+        active = set(self.active)
+        for d in deltas:  # no gradient (and so no update) for the frozen ones during this step
+            d.requires_grad_(d.path in active)
+
+    def on_step_end(self, ctx: TrainContext) -> None:
+        # Between steps every update is trainable again, so checkpoints (which hold the trainable
+        # tensors) always contain all of them and a resumed run finds the adapter complete.
+        for d in self.deltas():
+            d.requires_grad_(True)
 
     def on_train_end(self, ctx: TrainContext) -> None:
-        for d in self.deltas():  # back to the adapter's normal state: every update trainable
-            d.requires_grad_(True)
+        self.on_step_end(ctx)
         self.active = []
 
 

@@ -19,8 +19,8 @@ from ..core.config import AdapterConfig
 from ..core.errors import ConfigError
 from ..core.registry import Capabilities, register
 from ..train.callbacks import TrainContext, TrainerCallback
-from ._sparse import (CHUNK_ELEMENTS, SPARSE_LAYERS, SparseDelta, check_ratio, count_for, path_seed, sparse_deltas,
-                      weight_2d)
+from ._sparse import (CHUNK_ELEMENTS, SPARSE_LAYERS, SparseDelta, check_ratio, count_for, load_selection_state,
+                      path_seed, selection_state, sparse_deltas, weight_2d)
 
 
 @dataclass
@@ -147,10 +147,12 @@ class SpielCallback(TrainerCallback):
             self.updates += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"updates": self.updates}
+        return {"updates": self.updates, "selection": selection_state(sparse_deltas(self.model, self.name, SpielDelta))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.updates = int(state.get("updates", 0))
+        if "selection" in state:
+            load_selection_state(sparse_deltas(self.model, self.name, SpielDelta), state["selection"])
 
 
 register("spiel", SpielConfig, Capabilities(mergeable=True, mixed_batch=True, layer_types=SPARSE_LAYERS))(SpielDelta)
