@@ -36,21 +36,12 @@ def _versions() -> dict:
 
 def _add_variant(payload: dict, variant: dict, method: str, label: str) -> None:
     """Put `method` of an ablation run into `payload` as row `label`, compute relative to payload's ER."""
-    from unipeft.continual.suites import _mean_std
+    from unipeft.continual.suites import compute_ratios, summarize
 
-    rows = []
-    for er, row in zip(payload["per_seed"]["er"], variant["per_seed"][method]):
-        c, ref = row["compute"], er["compute"]
-        row = {**row, "method": label, "vs_er": {
-            "flops": c["flops"] / ref["flops"], "optimizer_steps": c["optimizer_steps"] / ref["optimizer_steps"],
-            "batch_steps": c["batch_steps"] / ref["batch_steps"], "wall_time": c["wall_seconds"] / ref["wall_seconds"],
-            "cpu_time": c["train_cpu_seconds"] / ref["train_cpu_seconds"]}}
-        rows.append(row)
+    rows = [{**row, "method": label, "vs_er": compute_ratios(row["compute"], er["compute"])}
+            for er, row in zip(payload["per_seed"]["er"], variant["per_seed"][method])]
     payload["per_seed"][label] = rows
-    stats = {"final_average_accuracy": [r["final_average_accuracy"] for r in rows],
-             "average_forgetting": [r["average_forgetting"] for r in rows],
-             **{f"{k}_vs_er": [r["vs_er"][k] for r in rows] for k in rows[0]["vs_er"]}}
-    payload["summary"][label] = {k: dict(zip(("mean", "std"), _mean_std(v))) for k, v in stats.items()}
+    payload["summary"][label] = summarize(rows)
     payload["methods"].append(label)
     payload.setdefault("ablation_configs", {})[label] = variant["config"]
 

@@ -70,13 +70,27 @@ def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
+RATIOS = {"batch_steps": "batch_steps", "optimizer_steps": "optimizer_steps", "flops": "flops",
+          "wall_time": "wall_seconds", "cpu_time": "train_cpu_seconds"}
+
+
+def compute_ratios(compute: dict, reference: dict) -> dict:
+    """A run's compute relative to a reference run's (ER): batch-steps, steps, FLOPs, wall and CPU time."""
+    return {name: compute[key] / reference[key] for name, key in RATIOS.items()}
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Mean and std over seeds of accuracy, forgetting and the compute ratios of per-seed rows."""
+    stats = {"final_average_accuracy": [r["final_average_accuracy"] for r in rows],
+             "average_forgetting": [r["average_forgetting"] for r in rows]}
+    for key in RATIOS:
+        stats[f"{key}_vs_er"] = [r["vs_er"][key] if r["vs_er"] else None for r in rows]
+    return {k: dict(zip(("mean", "std"), _mean_std(v))) for k, v in stats.items()}
+
+
 def _row(res: CLResult, er: CLResult | None) -> dict:
     out = res.to_dict()
-    c, ref = res.compute, (er.compute if er else None)
-    out["vs_er"] = None if ref is None else {
-        "flops": c["flops"] / ref["flops"], "optimizer_steps": c["optimizer_steps"] / ref["optimizer_steps"],
-        "batch_steps": c["batch_steps"] / ref["batch_steps"], "wall_time": c["wall_seconds"] / ref["wall_seconds"],
-        "cpu_time": c["train_cpu_seconds"] / ref["train_cpu_seconds"]}
+    out["vs_er"] = None if er is None else compute_ratios(res.compute, er.compute)
     return out
 
 
@@ -113,13 +127,7 @@ def run_benchmark(name: str, methods: Sequence[str], seeds: Sequence[int], scena
         for m in methods:
             per_seed[m].append(_row(results[m], results.get("er")))
         last = results
-    summary = {}
-    for m, rows in per_seed.items():
-        stats = {"final_average_accuracy": [r["final_average_accuracy"] for r in rows],
-                 "average_forgetting": [r["average_forgetting"] for r in rows]}
-        for key in ("batch_steps", "optimizer_steps", "flops", "wall_time", "cpu_time"):
-            stats[f"{key}_vs_er"] = [r["vs_er"][key] if r["vs_er"] else None for r in rows]
-        summary[m] = {k: dict(zip(("mean", "std"), _mean_std(v))) for k, v in stats.items()}
+    summary = {m: summarize(rows) for m, rows in per_seed.items()}
     return {"benchmark": name, "description": bench.description, "scenario": scenario, "seeds": list(seeds),
             "task_names": stream.task_names(), "config": dataclasses.asdict(cfg), "methods": list(methods),
             "summary": summary, "per_seed": per_seed,
