@@ -70,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
     for arg, field in (("fpf_steps", "steps"), ("fpf_budget", "budget"), ("fpf_mode", "mode")):
         if getattr(args, arg) is not None:
             setattr(cfg.fpf, field, getattr(args, arg))
+    # With several methods, a warm-up epoch keeps start-up costs out of the first one's wall time.
     payload = suites.run_benchmark(bench.name, methods, args.seeds, args.scenario, cfg,
-                                   progress=not args.no_progress)
+                                   progress=not args.no_progress, warmup=len(methods) > 1)
     print()
     print(suites.markdown_table(payload))
     if "er" not in payload["per_seed"] and not any(m.endswith("+fpf") and m.startswith("er") for m in methods):
