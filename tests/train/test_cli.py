@@ -134,3 +134,13 @@ def test_bad_input_one_line_exit_2_nothing_written(case, tiny_bert, word_csv, tm
     assert len(lines) == 1 and lines[0].startswith("unipeft train: error: "), captured.err
     assert expect in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output dir, no .partial
+
+
+def test_flags_after_the_config_and_eval_of_an_unfinished_run(tiny_bert, word_csv, tmp_path, capsys):
+    config = _bad(tmp_path, tiny_bert, word_csv)
+    assert main(["train", str(config), "--max_steps", "2", "--resume", "--quiet"]) == 2
+    assert "--resume: no checkpoint in" in capsys.readouterr().err
+    (tmp_path / "out.partial").mkdir()
+    assert main(["eval", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("unipeft eval: error: ") and "holds an unfinished run" in err and "\n" not in err
