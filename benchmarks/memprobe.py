@@ -19,6 +19,22 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
+def reset_peak() -> int:
+    """Reset the kernel's high-water mark to the current size; return that size (kB)."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _status("VmRSS")
+
+
+def peak_mb_since(rss0_kb: int) -> float:
+    """Peak resident memory above `rss0_kb` since the last reset_peak(), in MB."""
+    return round((_status("VmHWM") - rss0_kb) / 1024, 1)
+
+
 def main() -> None:
     """Measure and print {"peak_mb": ..., "steps": ...}."""
     parser = argparse.ArgumentParser()
@@ -50,17 +66,10 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
             loss_of(model, b).backward()
             opt.step()
-    gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the high-water mark to the current size
-    except OSError:
-        pass
-    rss0 = _status("VmRSS")
+    rss0 = reset_peak()
     for _ in range(args.steps):
         step()
-    peak = _status("VmHWM")
-    print(json.dumps({"peak_mb": round((peak - rss0) / 1024, 1), "steps": args.steps}))
+    print(json.dumps({"peak_mb": peak_mb_since(rss0), "steps": args.steps}))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Writes benchmarks/results/sara_repro.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -139,7 +138,7 @@ def probe_memory(name: str, steps: int, batch_size: int | None = None, checkpoin
     from unipeft.data.encode import collate
     from unipeft.data.sources import load_data
 
-    from .memprobe import _status
+    from .memprobe import peak_mb_since, reset_peak
     from unipeft.methods.sparse_hooks import TrainingHooks
     from unipeft.train import load_config
     from unipeft.train.callbacks import method_param_groups
@@ -160,13 +159,7 @@ def probe_memory(name: str, steps: int, batch_size: int | None = None, checkpoin
     # The first batches the trainer itself takes (seed 0, length-grouped).
     order = epoch_batches(data.lengths, cfg.batch_size, cfg.seed, 0, cfg.data.group_by_length)[:steps]
     batches = [collate([data.rows[i] for i in idx], parts.pad_id) for idx in order]
-    gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the high-water mark to the current size
-    except OSError:
-        pass
-    rss0 = _status("VmRSS")  # base model and data loaded; nothing of the method exists yet
+    rss0 = reset_peak()  # base model and data loaded; nothing of the method exists yet
     model = apply_method(base, cfg, method_config)  # adapter structures (e.g. SaRA's indices) count
     if checkpointing:  # what the trainer's gradient_checkpointing option does
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -184,10 +177,10 @@ def probe_memory(name: str, steps: int, batch_size: int | None = None, checkpoin
         opt.zero_grad(set_to_none=True)
         hooks.step_end()
         times.append(time.perf_counter() - t0)
-    peak = _status("VmHWM")
+    peak_mb = peak_mb_since(rss0)
     state = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    print(json.dumps({"peak_mb": round((peak - rss0) / 1024, 1), "base_rss_mb": round(rss0 / 1024, 1),
+    print(json.dumps({"peak_mb": peak_mb, "base_rss_mb": round(rss0 / 1024, 1),
                       "optimizer_state_mb": round(state / 2 ** 20, 1), "gradient_mb": round(grads / 2 ** 20, 1),
                       "batch_size": cfg.batch_size, "gradient_checkpointing": checkpointing,
                       "steps": steps, "tokens_per_batch": [int(b["input_ids"].numel()) for b in batches],
