@@ -28,10 +28,11 @@ FINDINGS = [
     "Mixed batches are bound by the base model: on MiniLM (batch 32, 8 adapters) aten::addmm of the frozen "
     "linear layers is 74% of self CPU time and the per-row LoRA (two bmm over stacked A/B) 2.4%. peft's own "
     "mixing cost is under 10% of the batch time, so no implementation can reach 2x peft's throughput here; "
-    "what a library controls, the extra time of mixing over one adapter, is about half of peft's.",
+    "what a library controls, the extra time of mixing over one adapter, is at most about half of peft's "
+    "(at noise level, sometimes below zero, in quieter runs).",
     "Training steps on tiny-gpt2 take 15-30 ms, and their ratios move by up to 15% between runs on a loaded "
     "2-core machine (the JSON records the load average); the MiniLM rows (200-450 ms per step) are stable "
-    "within a few percent and all at or below peft.",
+    "within a few percent, at or below peft (DoRA within 1-2%).",
     "Injecting/loading the k-th adapter is O(1) in k by construction: sites are kept in a registry and the "
     "target walk visits only the base model's modules (a site stands for its base layer); peft re-walks every "
     "module including earlier adapters, so its 50th adapter costs 3-6x its first.",
