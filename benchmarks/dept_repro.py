@@ -9,7 +9,7 @@ for both, 3 seeds. Each (method, seed) trains in its own child process, which re
 median optimizer-step time, the training peak memory (VmHWM over the run minus the resident
 size when training starts), the test-set inference time and the test accuracy.
 
-    python -m benchmarks.dept_repro [--steps 60] [--seeds 0 1 2]
+    python -m benchmarks.dept_repro [--steps 120] [--seeds 0 1 2]
 """
 from __future__ import annotations
 
@@ -165,7 +165,7 @@ def table(summary: dict, steps: int, seeds: list[int]) -> str:
 def main() -> None:
     """Run every (method, seed) child, interleaved, and write benchmarks/results/dept_repro.{json,md}."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--child", choices=sorted(METHODS))
     parser.add_argument("--seed", type=int, default=0)
