@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from .common import RESULTS, versions
+from .memprobe import peak_mb_since, reset_peak
 
 ROOT = Path(__file__).resolve().parent.parent
 L_PROMPT, M_PROMPT, RANK, MAX_LENGTH = 100, 60, 30, 128
@@ -33,14 +34,6 @@ METHODS = {
              "lr_embedding_update": 1e-3, "init": "vocab"},
 }
 PROMPT_LR, HEAD_LR = 3e-2, 3e-2
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
 
 
 def run_config(method: str, seed: int, steps: int, out: str):
@@ -76,12 +69,7 @@ def child(method: str, seed: int, steps: int) -> dict:
             self.model = None
 
         def on_train_begin(self, ctx) -> None:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")  # reset VmHWM to the current resident size
-            except OSError:
-                pass
-            self.rss0 = _status_kb("VmRSS")
+            self.rss0 = reset_peak()
 
         def on_step_begin(self, ctx) -> None:
             self.t0 = time.perf_counter()
@@ -90,7 +78,7 @@ def child(method: str, seed: int, steps: int) -> dict:
             self.times.append(time.perf_counter() - self.t0)
 
         def on_train_end(self, ctx) -> None:
-            self.peak_mb = (_status_kb("VmHWM") - self.rss0) / 1024
+            self.peak_mb = peak_mb_since(self.rss0)
             self.model = ctx.model
 
     with tempfile.TemporaryDirectory() as tmp:
