@@ -32,9 +32,8 @@ class TaskType(str, enum.Enum):
 
 
 def _from_peft_kwargs(cls: type[AdapterConfig], kwargs: dict[str, Any]) -> AdapterConfig:
-    kwargs = dict(kwargs)
-    if isinstance(kwargs.get("task_type"), enum.Enum):
-        kwargs["task_type"] = kwargs["task_type"].value
+    # PEFT passes enums (TaskType, PromptTuningInit, ...) where its JSON holds their string values.
+    kwargs = {k: v.value if isinstance(v, enum.Enum) else v for k, v in kwargs.items()}
     return cls.from_dict({**kwargs, "peft_type": cls.peft_type})
 
 
@@ -55,8 +54,6 @@ def LNTuningConfig(**kwargs: Any) -> _LNTuning:  # noqa: N802
 
 def PromptTuningConfig(**kwargs: Any) -> _Prompt:  # noqa: N802
     """PEFT's PromptTuningConfig fields (prompt_tuning_init, prompt_tuning_init_text...) -> up.PromptTuningConfig."""
-    if isinstance(kwargs.get("prompt_tuning_init"), enum.Enum):
-        kwargs = {**kwargs, "prompt_tuning_init": kwargs["prompt_tuning_init"].value}
     return _from_peft_kwargs(_Prompt, kwargs)
 
 
@@ -67,8 +64,6 @@ def PrefixTuningConfig(**kwargs: Any) -> _Prefix:  # noqa: N802
 
 def PromptEncoderConfig(**kwargs: Any) -> _PTuning:  # noqa: N802
     """PEFT's PromptEncoderConfig (P-tuning) fields -> up.PTuningConfig."""
-    if isinstance(kwargs.get("encoder_reparameterization_type"), enum.Enum):
-        kwargs = {**kwargs, "encoder_reparameterization_type": kwargs["encoder_reparameterization_type"].value}
     return _from_peft_kwargs(_PTuning, kwargs)
 
 

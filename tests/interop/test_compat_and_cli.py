@@ -105,9 +105,11 @@ def test_compat_prompt_configs_take_peft_field_names_and_match_peft():
     from unipeft import compat
 
     kw = dict(task_type=compat.TaskType.CAUSAL_LM, num_virtual_tokens=3)
-    pairs = [(compat.PromptTuningConfig(prompt_tuning_init="RANDOM", **kw), peft.PromptTuningConfig(**kw)),
+    pairs = [(compat.PromptTuningConfig(prompt_tuning_init=peft.PromptTuningInit.RANDOM, **kw),
+              peft.PromptTuningConfig(**kw)),
              (compat.PrefixTuningConfig(**kw), peft.PrefixTuningConfig(**kw)),
-             (compat.PromptEncoderConfig(encoder_reparameterization_type="MLP", encoder_hidden_size=8, **kw),
+             (compat.PromptEncoderConfig(encoder_reparameterization_type=peft.PromptEncoderReparameterizationType.MLP,
+                                         encoder_hidden_size=8, **kw),
               peft.PromptEncoderConfig(encoder_hidden_size=8, **kw))]
     batch = inputs("gpt2")
     for ours_cfg, peft_cfg in pairs:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..core.config import CONFIG_NAME, AdapterConfig
 from ..core.errors import AdapterLoadError, ConfigError
-from ..core.registry import get_method, method_for_config
+from ..core.registry import get_method, method_for_config, public_methods
 from ..core.state import PREFIX, WEIGHTS_NAME, read_adapter
 
 # PEFT's PeftModelForSequenceClassification trains these heads as modules_to_save.
@@ -29,8 +29,6 @@ def apply_task_type(config: AdapterConfig) -> AdapterConfig:
 
 def _peft_types() -> list[str]:
     """PEFT type names of the registered methods PEFT can read."""
-    from ..core.registry import public_methods
-
     specs = [get_method(n) for n in public_methods()]
     return sorted({s.config_cls.peft_type for s in specs if s.capabilities.peft_compatible})
 
