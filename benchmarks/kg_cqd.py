@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> Path:
     from unipeft.kg.link import LinkConfig, train_and_report
     from unipeft.kg.querygen import generate_queries, query_stats
     from unipeft.kg.structures import STRUCTURES
-    from unipeft.methods.cqd_calibrator import CQDCalibratorConfig
+    from unipeft.kg.calibrator import CQDCalibratorConfig
     import unipeft as up
 
     if args.quick:

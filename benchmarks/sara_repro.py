@@ -139,7 +139,7 @@ def probe_memory(name: str, steps: int, batch_size: int | None = None, checkpoin
     from unipeft.data.sources import load_data
 
     from .memprobe import peak_mb_since, reset_peak
-    from unipeft.methods.sparse_hooks import TrainingHooks
+    from unipeft.core.hooks import TrainingHooks
     from unipeft.train import load_config
     from unipeft.train.callbacks import method_param_groups
     from unipeft.train.config import build_method_config

@@ -98,8 +98,8 @@ class _ScaleConfig(up.AdapterConfig):
 class _ScaleDelta(up.Delta):
     """Output scaling with no weight-space form and no mixed-batch support."""
 
-    def __init__(self, base, config, path):
-        super().__init__(base, config, path)
+    def __init__(self, base, config, path, bank=None):
+        super().__init__(base, config, path, bank)
         self.s = nn.Parameter(torch.full((base.out_features,), 2.0))
 
     def forward(self, x, base_out):

@@ -14,7 +14,7 @@ from unipeft.kg.calibrate import (CalibrationConfig, calibrated_copy, parameter_
 from unipeft.kg.cqd import CQDConfig, answer_queries
 from unipeft.kg.evaluate import evaluate_queries
 from unipeft.kg.querygen import generate_split
-from unipeft.methods.cqd_calibrator import CQDCalibratorConfig, CQDCalibratorDelta
+from unipeft.kg.calibrator import CQDCalibratorConfig, CQDCalibratorDelta
 
 from .conftest import SMALL_LINK
 

@@ -123,7 +123,7 @@ def test_poly_routes_each_row_by_its_task_id():
     # The task's adapter is the weighted mix of the inventory's LoRA pairs.
     d = model.base_model.fc1.deltas["default"]
     a, b = d.mixed(1)
-    d._state.task_ids = torch.tensor([1])
+    model._ctx.inputs = {"task_ids": torch.tensor([1])}  # what a model call with task_ids holds
     base = model.base_model.fc1.base_layer
     with torch.no_grad():
         got = d(X[1:2], base(X[1:2]))
@@ -134,7 +134,7 @@ def test_mhr_heads_route_rank_slices_separately_and_mu_averages():
     model = _poly(n_tasks=2, routing="mhr", n_splits=2)
     d = model.base_model.fc1.deltas["default"]
     assert d.router_logits.shape == (2, 2, 3)
-    d._state.task_ids = torch.tensor([0])
+    model._ctx.inputs = {"task_ids": torch.tensor([0])}
     w = d.weights(1, "cpu")[0]  # (rank, skills)
     torch.testing.assert_close(w[0], w[1])  # same head
     assert (w[0] - w[2]).abs().max() > 1e-4  # different heads

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 import unipeft as up
-from unipeft.methods._sparse import Layout, SparseMatmul, chunked_sampled_grad, sparse_deltas
-from unipeft.methods.sara import SaraCallback, SaraDelta, nuclear_grad, nuclear_norm, reselect_steps
+from unipeft.methods.sparse.base import Layout, SparseMatmul, chunked_sampled_grad, sparse_deltas
+from unipeft.methods.sparse.sara import SaraCallback, SaraDelta, nuclear_grad, nuclear_norm, reselect_steps
 
 
 class Net(nn.Module):

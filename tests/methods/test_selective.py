@@ -10,12 +10,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 import unipeft as up
-from unipeft.methods._sparse import count_for, sparse_deltas
-from unipeft.methods.selective import DenseDelta
-from unipeft.methods.sparse_diff import DiffDense, DiffSparse
-from unipeft.methods.sparse_s2ft import S2ftDelta
-from unipeft.methods.sparse_spiel import SpielDelta
-from unipeft.methods.sparse_spt import SptSparse, sensitivity
+from unipeft.methods.sparse.base import count_for, sparse_deltas
+from unipeft.methods.sparse.selective import DenseDelta
+from unipeft.methods.sparse.diff import DiffDense, DiffSparse
+from unipeft.methods.sparse.s2ft import S2ftDelta
+from unipeft.methods.sparse.spiel import SpielDelta
+from unipeft.methods.sparse.spt import SptSparse, sensitivity
 from unipeft.methods.lora import LoraLinear
 
 from .test_sara import hooked_step

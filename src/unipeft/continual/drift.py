@@ -31,8 +31,9 @@ def module_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]
     """
     groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
     if isinstance(model, AdaptedModel):
-        for site in model.sites():
-            for name, delta in site.deltas.items():
+        for site in model.sites():  # keeps the site order of the model
+            for name in site.deltas:
+                delta = model.delta_at(name, site.path)
                 params = [(f"{name}.{n}", p) for n, p in delta.named_parameters() if p.requires_grad]
                 if params:
                     groups.setdefault(site.path, []).extend(params)

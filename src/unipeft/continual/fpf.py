@@ -181,8 +181,9 @@ def _finetune_sites(model: AdaptedModel, buffer, modules, stream, cfg, gen, on_s
     if unknown:
         raise ContinualError(f"fpf_finetune: {unknown} carry no adapter; adapted modules: {sorted(sites)}")
     flags = {id(p): p.requires_grad for p in model.parameters()}
-    chosen = {id(p) for m in modules for n in model.active_adapters if n in sites[m].deltas
-              for p in sites[m].deltas[n].parameters()}
+    wanted = set(modules)
+    chosen = {id(p) for n in model.active_adapters for d in model.deltas(n) if d.path in wanted
+              for p in d.parameters()}
     params = [p for p in model.parameters() if p.requires_grad and id(p) in chosen]
     try:
         for p in model.parameters():

@@ -6,9 +6,15 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import ConfigError
+from .fields import check_rules, name_spec
+
+if TYPE_CHECKING:  # annotations only: core/config.py needs neither at run time
+    from torch import nn
+
+    from .hooks import TrainerCallback
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -30,6 +36,12 @@ class AdapterConfig:
     `not_in_peft` (our fields PEFT's config lacks: omitted from the file while unset).
     Keys nobody knows are dropped with a warning while empty (forward compatibility) and
     refused when set, since dropping them could silently change the adapter's behaviour.
+
+    The method protocol (DESIGN.md) is declared here with no-op defaults, so core/ and train/
+    call it without probing: `resolved_fields`, `make_bank`, `training_callbacks`,
+    `optimizer_groups`, `needs_calibration`, `call_inputs`, `state_prefix`, `example_fields`. Field rules are
+    declared with the helpers of core/fields.py and checked by `validate`. The copy an
+    AdaptedModel stores is frozen: assigning to it raises.
     """
 
     method: ClassVar[str] = ""
@@ -37,9 +49,14 @@ class AdapterConfig:
     peft_names: ClassVar[dict[str, str]] = {}
     peft_inert: ClassVar[dict[str, Any]] = {}
     not_in_peft: ClassVar[tuple[str, ...]] = ()
+    # Where this method's per-site tensors live in the file (PEFT's LoRA-style wrapper prefix).
+    state_prefix: ClassVar[str] = "base_model.model."
+    # Keyword inputs of a model call this method reads (e.g. "task_ids"): the AdaptedModel takes
+    # them out of the call and hands them to the deltas through the forward context.
+    call_inputs: ClassVar[tuple[str, ...]] = ()
 
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
+    target_modules: list[str] | str | None = name_spec()
+    exclude_modules: list[str] | str | None = name_spec()
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     modules_to_save: list[str] | None = None
@@ -58,17 +75,51 @@ class AdapterConfig:
             self.layers_to_transform = [self.layers_to_transform]
         self.validate()
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen"):
+            raise ConfigError(f"{type(self).__name__}.{name}: this config belongs to an adapted model and is "
+                              f"immutable; use config.replace({name}=...) and add a new adapter")
+        super().__setattr__(name, value)
+
+    def frozen_copy(self, **changes: Any) -> "AdapterConfig":
+        """A validated copy with `changes`, immutable from now on (what an AdaptedModel stores)."""
+        out = dataclasses.replace(self, **changes)
+        object.__setattr__(out, "_frozen", True)
+        return out
+
     def validate(self) -> None:
         """Check field values; subclasses extend this and raise ConfigError naming the field."""
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, (str, list)):
-                raise ConfigError(f"{type(self).__name__}.{name}: expected a list of names or a regex string, "
-                                  f"got {type(value).__name__}")
+        check_rules(self)
         if self.layers_to_transform is not None and not all(
                 isinstance(i, int) and i >= 0 for i in self.layers_to_transform):
             raise ConfigError(f"{type(self).__name__}.layers_to_transform: expected non-negative integers, "
                               f"got {self.layers_to_transform!r}")
+
+    # ---- the method protocol (no-op defaults) ---------------------------------------------
+    def resolved_fields(self, model: "nn.Module", targets: list[tuple[str, "nn.Module"]]) -> dict[str, Any]:
+        """Fields read from the model at injection (e.g. widths, fan_in_fan_out), stored in the adapter's copy."""
+        return {}
+
+    def needs_calibration(self) -> str | None:
+        """"activations" or "gradients" when building the deltas needs calibration data (data-aware inits)."""
+        return None
+
+    def make_bank(self, model: "nn.Module", targets: list[tuple[str, "nn.Module"]]) -> "nn.Module | None":
+        """The module shared by all sites of one adapter (shared bases, vector banks, routers), or None."""
+        return None
+
+    def training_callbacks(self, model: "nn.Module", adapter_name: str) -> list["TrainerCallback"]:
+        """Callbacks the trainer runs for this adapter (re-selection, rank allocation, ...)."""
+        return []
+
+    def optimizer_groups(self, adapter_name: str) -> list[dict[str, Any]]:
+        """Extra optimizer parameter groups ({"params": regex, "lr": ...}), after the user's groups."""
+        return []
+
+    @classmethod
+    def example_fields(cls, candidates: list[str]) -> dict[str, Any]:
+        """Fields beyond target_modules for a working example on models whose targets are `candidates`."""
+        return {}
 
     # ---- dict / JSON ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

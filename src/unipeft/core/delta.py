@@ -21,6 +21,12 @@ class Delta(nn.Module):
     `delta_weight()` returns {base parameter name: additive delta} for merging; core merges.
     `weight_dependent` deltas are computed from the base weights, so core caches what it added
     at merge time to undo exactly that at unmerge.
+
+    `bank` is the adapter's shared module (`AdapterConfig.make_bank`), the same object at every
+    site of one adapter, or None. Per-call inputs the config declares (`call_inputs`) are read
+    with `call_input(name)`. `base_edits()` may return new values for base parameters (e.g. a
+    residual left after an SVD-based init); core applies them and restores the originals
+    exactly on delete/unload.
     """
 
     kind: ClassVar[str] = "output"
@@ -30,11 +36,16 @@ class Delta(nn.Module):
     model_input: ClassVar[bool] = False
     # On-disk keys are file-level (PEFT's `prompt_embeddings`), not under the site's path.
     state_at_root: ClassVar[bool] = False
+    # A freshly created delta leaves the model's outputs unchanged (the invariant suite checks it).
+    identity_at_init: ClassVar[bool] = True
 
-    def __init__(self, base: nn.Module, config, path: str) -> None:
+    def __init__(self, base: nn.Module, config, path: str, bank: nn.Module | None = None) -> None:
         super().__init__()
-        # A plain attribute, not a submodule: the base must not appear in the delta's state.
+        # Plain attributes, not submodules: neither the base nor the shared bank belongs to this
+        # delta's state (the bank is saved once, under the adapter's root key).
         object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "_bank", bank)
+        object.__setattr__(self, "_ctx", None)
         self.path = path
 
     @property
@@ -42,10 +53,30 @@ class Delta(nn.Module):
         """The frozen module this delta modifies."""
         return self._base
 
+    @property
+    def bank(self) -> nn.Module | None:
+        """The adapter's shared module (None when the method has none)."""
+        return self._bank
+
+    def bind(self, ctx) -> None:
+        """Called by core once the delta is injected: the forward context of its model."""
+        object.__setattr__(self, "_ctx", ctx)
+
+    def call_input(self, name: str):
+        """The current model call's value of a declared per-call input (None when not given)."""
+        ctx = self._ctx
+        return None if ctx is None else ctx.inputs.get(name)
+
     @classmethod
-    def create(cls, base: nn.Module, config, path: str) -> "Delta":
-        """Build the delta for `base` (override to dispatch on the layer type)."""
-        return cls(base, config, path)
+    def create(cls, base: nn.Module, config, path: str, bank: nn.Module | None = None,
+               calibration=None) -> "Delta":
+        """Build the delta for `base` (override to dispatch on the layer type or use `calibration`,
+        the per-target statistics core collected when the config asked for them)."""
+        return cls(base, config, path, bank)
+
+    def base_edits(self) -> dict[str, torch.Tensor]:
+        """{base parameter name: new value} core writes at injection and undoes exactly at removal."""
+        return {}
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError

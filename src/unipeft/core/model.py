@@ -9,12 +9,11 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
+from .delta import Delta
 from .errors import ConfigError, MergeError
-from .registry import get_method, method_for_config
+from .injection import plan_injection
+from .registry import method_for_config
 from .site import BASE_NAME, AdaptedSite, ForwardContext, Grouping
-from .targets import logical_modules, name_matches, select_targets
-
-SAVE_METHOD = "modules_to_save"
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -28,7 +27,10 @@ class AdaptedModel(nn.Module):
     def __init__(self, base_model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> None:
         super().__init__()
         self.base_model = base_model
+        # Each adapter's frozen, resolved config copy (the user's object is never stored or written).
         self.peft_config: dict[str, AdapterConfig] = {}
+        # Per-adapter shared modules (AdapterConfig.make_bank), trained and saved with the adapter.
+        self.banks = nn.ModuleDict()
         object.__setattr__(self, "_ctx", ForwardContext())
         # path -> site, kept up to date on inject/remove, so no call walks every module
         # (whose count grows with the number of adapters).
@@ -68,8 +70,47 @@ class AdaptedModel(nn.Module):
         return self._ctx.active[0] if self._ctx.active else ""
 
     # ---- adapters -----------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
-        """Create adapter `adapter_name` from `config`; on any error the model is unchanged."""
+    def deltas(self, adapter_name: str, kind: str | None = None) -> list[Delta]:
+        """The deltas of adapter `adapter_name` in site order (only those of `kind`, if given)."""
+        self._check_name(adapter_name)
+        return [s.deltas[adapter_name] for s in self._sites.values()
+                if adapter_name in s.deltas and (kind is None or s.deltas[adapter_name].kind == kind)]
+
+    def delta_at(self, adapter_name: str, path: str) -> Delta:
+        """Adapter `adapter_name`'s delta at module `path`; ConfigError when it has none there."""
+        site = self._sites.get(path)
+        if site is None or adapter_name not in site.deltas:
+            raise ConfigError(f"adapter '{adapter_name}' has no delta at '{path}'")
+        return site.deltas[adapter_name]
+
+    def replace_deltas(self, adapter_name: str, new: dict[str, Delta],
+                       config: AdapterConfig | None = None) -> dict[str, Delta]:
+        """Swap adapter `adapter_name`'s deltas at the given paths (and, optionally, its config) in one
+        step: everything is checked first, so on error nothing changed. Returns the replaced deltas."""
+        self._check_name(adapter_name)
+        old = {path: self.delta_at(adapter_name, path) for path in new}
+        merged = [p for p in new if adapter_name in self._sites[p].merged]
+        if merged:
+            raise MergeError(f"adapter '{adapter_name}' is merged at {merged[:3]}; unmerge() before replacing deltas")
+        bad = [p for p, d in new.items() if not isinstance(d, Delta)]
+        if bad:
+            raise ConfigError(f"replace_deltas: the values at {bad[:3]} are not Delta modules")
+        frozen = None if config is None else config.frozen_copy()
+        for path, delta in new.items():
+            trainable = any(p.requires_grad for p in old[path].parameters())
+            delta.requires_grad_(trainable)
+            delta.bind(self._ctx)
+            self._sites[path].deltas[adapter_name] = delta
+        if frozen is not None:
+            self.peft_config[adapter_name] = frozen
+        self._ctx.version += 1  # sites re-resolve their deltas
+        return old
+
+    def add_adapter(self, adapter_name: str, config: AdapterConfig, calibration=None) -> None:
+        """Create adapter `adapter_name` from `config`; on any error the model is unchanged.
+
+        `calibration` (a list of model inputs) is needed only by data-aware inits; the config is
+        copied, resolved against the model and frozen: the object passed in is never written."""
         if not isinstance(config, AdapterConfig):
             raise ConfigError(f"expected an AdapterConfig (e.g. up.LoraConfig), got {type(config).__name__}")
         if not adapter_name or "." in adapter_name or adapter_name == BASE_NAME:
@@ -77,21 +118,8 @@ class AdaptedModel(nn.Module):
                               f"other than {BASE_NAME!r}")
         if adapter_name in self.peft_config:
             raise ConfigError(f"adapter '{adapter_name}' already exists; delete_adapter() it first")
-        spec = method_for_config(config)
-        new_deltas: list[tuple[str, nn.Module, nn.Module]] = []
-        targets = select_targets(self.base_model, config, spec.capabilities.layer_types, spec.default_targets)
-        resolve = getattr(config, "resolve_for_model", None)
-        if callable(resolve):  # fields read from the model (prompt methods: layers, heads, width)
-            resolve(self.base_model, targets)
-        for path, module in targets:
-            new_deltas.append((path, module, spec.delta_cls.create(module, config, path)))
-        if config.modules_to_save:
-            saver = get_method(SAVE_METHOD)
-            found = [(p, m) for p, m in logical_modules(self.base_model) if name_matches(p, config.modules_to_save)]
-            if not found:
-                raise ConfigError(f"modules_to_save={config.modules_to_save!r} matched no module")
-            found = [(p, m) for p, m in found if not any(p.startswith(q + ".") for q, _ in found)]
-            new_deltas += [(p, m, saver.delta_cls.create(m, config, p)) for p, m in found]
+        config, new_deltas, bank = plan_injection(self.base_model, config, calibration)
+        edits = [(path, d.base_edits()) for path, _, d in new_deltas]
         # All deltas were built without error: only now touch the model.
         sites = self._sites
         for path, module, delta in new_deltas:
@@ -101,7 +129,14 @@ class AdaptedModel(nn.Module):
                 _set_submodule(self.base_model, path, site)
                 sites[path] = site
             delta.requires_grad_(False)
+            delta.bind(self._ctx)
             site.deltas[adapter_name] = delta
+        for path, edit in edits:
+            if edit:
+                sites[path].apply_edits(adapter_name, edit)
+        if bank is not None:
+            bank.requires_grad_(False)
+            self.banks[adapter_name] = bank
         self.peft_config[adapter_name] = config
         self._ctx.version += 1
 
@@ -115,6 +150,8 @@ class AdaptedModel(nn.Module):
         for site in self.sites():
             for n, delta in site.deltas.items():
                 delta.requires_grad_(n in names and not self.peft_config[n].inference_mode)
+        for n, bank in self.banks.items():
+            bank.requires_grad_(n in names and not self.peft_config[n].inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter everywhere; sites left without deltas give back their base module."""
@@ -122,13 +159,17 @@ class AdaptedModel(nn.Module):
         for site in list(self.sites()):
             if adapter_name in site.merged:
                 raise MergeError(f"adapter '{adapter_name}' is merged; unmerge() before deleting it")
+            site.check_edits_removable(adapter_name)
         for site in list(self.sites()):
+            site.undo_edits(adapter_name)
             if adapter_name in site.deltas:
                 del site.deltas[adapter_name]
             if not site.deltas:
                 _set_submodule(self.base_model, site.path, site.base_layer)
                 del self._sites[site.path]
         del self.peft_config[adapter_name]
+        if adapter_name in self.banks:
+            del self.banks[adapter_name]
         if adapter_name in self._ctx.active:
             self._ctx.active.remove(adapter_name)
         self._ctx.version += 1
@@ -213,8 +254,10 @@ class AdaptedModel(nn.Module):
         return self._strip_sites()
 
     def unload(self) -> nn.Module:
-        """Undo merges and return the plain base model, as it was before adaptation."""
+        """Undo merges and base-weight edits and return the plain base model, as it was before adaptation."""
         self.unmerge()
+        for site in self.sites():
+            site.undo_edits()
         return self._strip_sites()
 
     def _strip_sites(self) -> nn.Module:
@@ -222,6 +265,7 @@ class AdaptedModel(nn.Module):
             _set_submodule(self.base_model, site.path, site.base_layer)
         self._sites.clear()
         self.peft_config.clear()
+        self.banks.clear()
         self._ctx.active.clear()
         self._ctx.version += 1
         self._restore_base_flags()
@@ -233,7 +277,31 @@ class AdaptedModel(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        """Run the base model with the active adapters, or one adapter per row (`adapter_names`)."""
+        """Run the base model with the active adapters, or one adapter per row (`adapter_names`).
+
+        Keyword inputs the active adapters declare (`call_inputs`, e.g. task_ids) are taken out of
+        the call and held in the forward context for this call only."""
+        names = self._call_input_names()
+        if not names:
+            return self._forward(args, kwargs, adapter_names)
+        ctx = self._ctx
+        ctx.inputs = {n: kwargs.pop(n) for n in names if n in kwargs}
+        try:
+            return self._forward(args, kwargs, adapter_names)
+        finally:
+            ctx.inputs = {}
+
+    def _call_input_names(self) -> tuple[str, ...]:
+        """Per-call input names the active adapters declare, resolved once per active-set change."""
+        ctx = self._ctx
+        cached = self.__dict__.get("_call_names")
+        if cached is not None and cached[0] == ctx.version:
+            return cached[1]
+        names = tuple(dict.fromkeys(n for a in ctx.active for n in type(self.peft_config[a]).call_inputs))
+        object.__setattr__(self, "_call_names", (ctx.version, names))
+        return names
+
+    def _forward(self, args: tuple, kwargs: dict, adapter_names: list[str] | None):
         if adapter_names is None:
             hooks = self._input_deltas()
             if not hooks:

@@ -1,8 +1,14 @@
-"""The method registry: name -> (config class, delta class, declared capabilities)."""
+"""The method registry: name -> (config class, delta class, declared capabilities).
+
+`register(...)` is the one call that adds a method: the capability table, the public names of
+`unipeft` (`public_names()`), the invariant suite and the docs all read this table. The
+registry imports no method: `import unipeft` imports unipeft.methods (and kg's calibrator),
+whose modules register themselves.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from torch import nn
 
@@ -31,33 +37,33 @@ class MethodSpec:
     # predicate(path, module) for the modules used when config.target_modules is None
     default_targets: Callable[[str, nn.Module], bool] | None = None
     internal: bool = field(default=False)  # building block (e.g. modules_to_save), not user-facing
+    # Other public helpers of the method (e.g. `fuse`), exported by `unipeft` under their names.
+    exports: tuple[Any, ...] = ()
 
 
 _METHODS: dict[str, MethodSpec] = {}
 
 
-def register(name: str, config_cls: type, capabilities: Capabilities,
+def register(name: str, config_cls: type, delta_cls: type, capabilities: Capabilities,
              default_targets: Callable[[str, nn.Module], bool] | None = None,
-             internal: bool = False):
-    """Class decorator binding a Delta class to `name`, its config class and its capabilities."""
-
-    def decorate(delta_cls: type) -> type:
-        if name in _METHODS and _METHODS[name].delta_cls is not delta_cls:
-            raise ValueError(f"method '{name}' is already registered")
-        config_cls.method = name
-        _METHODS[name] = MethodSpec(name, config_cls, delta_cls, capabilities, default_targets, internal)
-        return delta_cls
-
-    return decorate
+             internal: bool = False, exports: tuple[Any, ...] = ()) -> MethodSpec:
+    """Bind `name` to its config class, delta class and capabilities (the one edit that adds a method)."""
+    old = _METHODS.get(name)
+    if old is not None and (old.delta_cls is not delta_cls or old.config_cls is not config_cls):
+        raise ValueError(f"method '{name}' is already registered")
+    config_cls.method = name
+    spec = MethodSpec(name, config_cls, delta_cls, capabilities, default_targets, internal, tuple(exports))
+    _METHODS[name] = spec
+    return spec
 
 
-def _ensure_builtin_methods() -> None:
-    import unipeft.methods  # noqa: F401  (registers the built-in methods on import)
+def unregister(name: str) -> None:
+    """Remove a method (tests that register a temporary one)."""
+    _METHODS.pop(name, None)
 
 
 def get_method(name: str) -> MethodSpec:
     """The spec registered under `name`; ConfigError listing the known names otherwise."""
-    _ensure_builtin_methods()
     if name not in _METHODS:
         raise ConfigError(f"unknown method '{name}'; known methods: {sorted(public_methods())}")
     return _METHODS[name]
@@ -70,7 +76,6 @@ def method_for_config(config) -> MethodSpec:
 
 def method_for_peft_type(peft_type: str) -> MethodSpec:
     """The spec whose config declares `peft_type` (PEFT's on-disk type string)."""
-    _ensure_builtin_methods()
     for spec in _METHODS.values():
         if spec.config_cls.peft_type == peft_type:
             return spec
@@ -80,8 +85,16 @@ def method_for_peft_type(peft_type: str) -> MethodSpec:
 
 def public_methods() -> dict[str, MethodSpec]:
     """All user-facing registered methods, by name."""
-    _ensure_builtin_methods()
     return {n: s for n, s in _METHODS.items() if not s.internal}
+
+
+def public_names() -> dict[str, Any]:
+    """What `unipeft` exports for the methods: each config class and each declared helper, by name."""
+    out: dict[str, Any] = {}
+    for spec in public_methods().values():
+        for obj in (spec.config_cls, *spec.exports):
+            out[obj.__name__] = obj
+    return out
 
 
 def capability_table() -> list[dict]:
@@ -92,5 +105,6 @@ def capability_table() -> list[dict]:
         rows.append({"method": name, "peft_type": spec.config_cls.peft_type, "mergeable": c.mergeable,
                      "mixed_batch": c.mixed_batch, "quantized_base": c.quantized_base,
                      "peft_compatible": c.peft_compatible,
+                     "identity_at_init": spec.delta_cls.identity_at_init,
                      "layer_types": [t.__name__ for t in c.layer_types]})
     return rows

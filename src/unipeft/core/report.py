@@ -49,10 +49,11 @@ def trainable_report(model: nn.Module) -> TrainableReport:
         seen.add(id(p))
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
+    from .model import AdaptedModel
+
     rows = []
-    sites = getattr(model, "sites", None)
-    if callable(sites):
-        for site in sites():
+    if isinstance(model, AdaptedModel):
+        for site in model.sites():
             for name, delta in site.deltas.items():
                 n = sum(p.numel() for p in delta.parameters() if p.requires_grad)
                 method = type(model.peft_config[name]).method

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from . import layers
 from .delta import Delta
-from .errors import MergeError
+from .errors import ConfigError, MergeError
 
 BASE_NAME = "__base__"
 
@@ -53,6 +54,7 @@ class ForwardContext:
     disabled: bool = False
     grouping: Grouping | None = None
     version: int = 0  # bumped whenever the active set or any site's adapters change
+    inputs: dict = field(default_factory=dict)  # this call's declared per-call inputs (e.g. task_ids)
 
 
 def run_with_params(module: nn.Module, params: dict[str, torch.Tensor], x, *args, **kwargs):
@@ -78,6 +80,10 @@ class AdaptedSite(nn.Module):
         self.path = path
         self.merged: list[str] = []
         self._merge_cache: dict[str, dict[str, torch.Tensor]] = {}
+        # Exact copies of quantized weights before each merge (requantizing is lossy, restoring is not).
+        self._merge_snapshots: dict[str, dict[str, tuple]] = {}
+        # Base-weight edits of inits, in order: (adapter, {param: snapshot of the value before}).
+        self.edits: list[tuple[str, dict[str, tuple]]] = []
         object.__setattr__(self, "_ctx", ctx)
         # The deltas to apply, resolved once per change of the active set (not per call).
         self._seen_version = -1
@@ -170,7 +176,8 @@ class AdaptedSite(nn.Module):
             if missing:
                 raise MergeError(f"adapter '{name}' at '{self.path}' changes {missing}, which "
                                  f"{type(self.base_layer).__name__} does not have")
-            new = {k: params[k] + v.to(params[k].dtype) for k, v in dw.items()}
+            current = {k: layers.param_value(self.base_layer, k) for k in dw}
+            new = {k: current[k] + v.to(current[k].dtype) for k, v in dw.items()}
         return dw, new
 
     def merge_order(self, names: list[str]) -> list[str]:
@@ -191,25 +198,60 @@ class AdaptedSite(nn.Module):
             if bad:
                 raise MergeError(f"merging adapter '{name}' into '{self.path}' gives non-finite values in "
                                  f"{bad}; the base weights were left unchanged")
-        params = dict(self.base_layer.named_parameters())
-        with torch.no_grad():
-            for k, t in new.items():
-                params[k].copy_(t)
+        base = self.base_layer
+        snaps = {k: layers.snapshot_param(base, k) for k in new if layers.is_quantized(base) and k == "weight"}
+        if snaps:
+            self._merge_snapshots[name] = snaps
+        for k, t in new.items():
+            layers.write_param(base, k, t)
         if self.deltas[name].weight_dependent:
             self._merge_cache[name] = dw
         self.merged.append(name)
         self._seen_version = -1
 
     def unmerge(self) -> None:
-        """Subtract every merged delta again, most recent first."""
-        params = dict(self.base_layer.named_parameters())
+        """Subtract every merged delta again, most recent first (quantized weights: restored exactly)."""
+        base = self.base_layer
         self._seen_version = -1
         while self.merged:
             name = self.merged.pop()
             dw = self._merge_cache.pop(name, None)
+            snaps = self._merge_snapshots.pop(name, {})
             if dw is None:
                 with torch.no_grad():
                     dw = self.deltas[name].delta_weight()
             with torch.no_grad():
                 for k, v in dw.items():
-                    params[k].sub_(v.to(params[k].dtype))
+                    if k in snaps:
+                        layers.restore_param(base, k, snaps[k])
+                    else:
+                        param = dict(base.named_parameters())[k]
+                        param.sub_(v.to(param.dtype))
+
+    # ---- base-weight edits of inits ----------------------------------------------------
+    def apply_edits(self, name: str, edits: dict[str, torch.Tensor]) -> None:
+        """Write `edits` into the base layer, keeping exact copies of what they replace."""
+        for k in edits:
+            layers.check_writable(self.base_layer, k, self.path)
+        snaps = {k: layers.snapshot_param(self.base_layer, k) for k in edits}
+        for k, v in edits.items():
+            layers.write_param(self.base_layer, k, v)
+        self.edits.append((name, snaps))
+        self._seen_version = -1
+
+    def check_edits_removable(self, name: str) -> None:
+        """ConfigError unless adapter `name`'s edits (if any) are the most recent ones here."""
+        names = [n for n, _ in self.edits]
+        if name in names and names[-1] != name:
+            raise ConfigError(f"adapter '{name}' edited the base weights of '{self.path}' before adapter "
+                              f"'{names[-1]}' did; delete adapters that edit base weights in reverse order")
+
+    def undo_edits(self, name: str | None = None) -> None:
+        """Restore the base weights exactly: adapter `name`'s edits, or every edit (None)."""
+        while self.edits and (name is None or self.edits[-1][0] == name):
+            _, snaps = self.edits.pop()
+            for k, snap in snaps.items():
+                layers.restore_param(self.base_layer, k, snap)
+            if name is not None:
+                break
+        self._seen_version = -1

@@ -12,11 +12,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, AdapterConfig
+from .delta import Delta
 from .errors import AdapterLoadError, ConfigError
 from .targets import logical_modules
 
 WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
+PREFIX = AdapterConfig.state_prefix
+BANK_PREFIX = "bank."  # an adapter's shared module (AdapterConfig.make_bank) lives at the file's root
 
 
 def _key_prefix(model, adapter_name: str, site, delta) -> str:
@@ -24,7 +26,7 @@ def _key_prefix(model, adapter_name: str, site, delta) -> str:
     if delta.state_at_root:
         return ""
     # PEFT's prompt-learning models save modules_to_save under "base_model." (no LoRA-style wrapper).
-    return f"{getattr(type(model.peft_config[adapter_name]), 'state_prefix', PREFIX)}{site.path}."
+    return f"{type(model.peft_config[adapter_name]).state_prefix}{site.path}."
 
 
 def adapter_state_dict(model, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -38,6 +40,8 @@ def adapter_state_dict(model, adapter_name: str) -> dict[str, torch.Tensor]:
         prefix = _key_prefix(model, adapter_name, site, delta)
         for key, value in delta.export_state().items():
             out[f"{prefix}{key}"] = value
+    if adapter_name in model.banks:
+        out.update({f"{BANK_PREFIX}{k}": v for k, v in model.banks[adapter_name].state_dict().items()})
     return out
 
 
@@ -97,6 +101,10 @@ def _plan(model, adapter_name: str, tensors: dict[str, torch.Tensor]):
         prefix = _key_prefix(model, adapter_name, site, delta)
         for key, value in delta.export_state().items():
             expected[f"{prefix}{key}"] = (site.path, delta, key, value)
+    if adapter_name in model.banks:
+        bank = model.banks[adapter_name]
+        for key, value in bank.state_dict().items():
+            expected[f"{BANK_PREFIX}{key}"] = ("bank", bank, key, value)
     for file_key, tensor in tensors.items():
         if file_key not in expected:
             path = file_key[len(PREFIX):] if file_key.startswith(PREFIX) else file_key
@@ -111,7 +119,7 @@ def _plan(model, adapter_name: str, tensors: dict[str, torch.Tensor]):
             continue
         plan.append((delta, key, tensor))
     for site_path, delta, key, _ in expected.values():
-        if not delta.optional_state(key):
+        if site_path == "bank" or not delta.optional_state(key):
             problems[site_path].append(f"'{key}' is missing from the file")
     if problems:
         lines = [f"  {module}: {'; '.join(msgs)}" for module, msgs in sorted(problems.items())[:20]]
@@ -125,14 +133,17 @@ def load_tensors(model, adapter_name: str, tensors: dict[str, torch.Tensor]) -> 
     per_delta: dict[int, tuple] = {}
     for delta, key, tensor in _plan(model, adapter_name, tensors):
         per_delta.setdefault(id(delta), (delta, {}))[1][key] = tensor
-    for delta, found in per_delta.values():
-        delta.import_state(found)
+    for owner, found in per_delta.values():
+        if isinstance(owner, Delta):
+            owner.import_state(found)
+        else:  # the adapter's bank: a plain module, keys as in its state_dict
+            owner.load_state_dict(found, strict=False)
 
 
 def load_adapter(model, directory: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
     """Add adapter `adapter_name` from `directory` into an AdaptedModel, or leave it unchanged."""
     config, tensors = read_adapter(directory)
-    config.inference_mode = not is_trainable
+    config = config.replace(inference_mode=not is_trainable)
     model.add_adapter(adapter_name, config)
     try:
         load_tensors(model, adapter_name, tensors)
@@ -146,7 +157,7 @@ def from_pretrained(cls, base_model, directory: str | Path, adapter_name: str, i
     config, tensors = read_adapter(directory)
     if not isinstance(config, AdapterConfig):  # pragma: no cover - read_adapter guarantees it
         raise ConfigError(f"{directory}: not an adapter config")
-    config.inference_mode = not is_trainable
+    config = config.replace(inference_mode=not is_trainable)
     model = cls(base_model, config, adapter_name)
     try:
         load_tensors(model, adapter_name, tensors)

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from .errors import TargetError
+from .layers import is_matrix_layer
 
 def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Yield (path, module) as in the un-adapted model: a site stands for its base layer."""
@@ -103,4 +104,4 @@ def select_targets(model: nn.Module, config, supported: tuple[type, ...],
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return is_matrix_layer(module)

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..core.config import CONFIG_NAME, AdapterConfig
 from ..core.errors import AdapterLoadError, ConfigError
 from ..core.registry import get_method, method_for_config, public_methods
-from ..core.state import PREFIX, WEIGHTS_NAME, read_adapter
+from ..core.state import WEIGHTS_NAME, read_adapter
 
 # PEFT's PeftModelForSequenceClassification trains these heads as modules_to_save.
 SEQ_CLS_HEADS = ["classifier", "score"]
@@ -40,9 +40,9 @@ def check_peft_folder(directory: str | Path) -> tuple[AdapterConfig, dict]:
     if not spec.capabilities.peft_compatible:
         raise ConfigError(f"{directory}: method '{spec.name}' ({config.peft_type}) has no PEFT equivalent; "
                           f"PEFT-compatible methods: {', '.join(_peft_types())}")
-    prefix = getattr(type(config), "state_prefix", PREFIX)
+    prefix = type(config).state_prefix
     # Prompt-learning methods keep their own tensors at the file's root (PEFT's `prompt_embeddings`).
-    rooted = getattr(spec.delta_cls, "state_at_root", False)
+    rooted = spec.delta_cls.state_at_root
     bad = [k for k in tensors if not k.startswith(prefix) and not (rooted and "." not in k)]
     if bad:
         raise AdapterLoadError(f"{directory}: tensor keys must start with '{prefix}', e.g. {bad[0]!r} does not")

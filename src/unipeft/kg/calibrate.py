@@ -99,8 +99,8 @@ def adapter_state(model: AdaptedModel, adapter_name: str) -> dict[str, torch.Ten
 
 def parameter_counts(model: AdaptedModel, adapter_name: str = "default") -> tuple[int, int]:
     """(parameters of adapter `adapter_name`, parameters of the frozen predictor)."""
-    deltas = [s.deltas[adapter_name] for s in model.sites() if adapter_name in s.deltas]
-    own = {id(p) for s in model.sites() for d in s.deltas.values() for p in d.parameters()}
+    deltas = model.deltas(adapter_name)
+    own = {id(p) for n in model.peft_config for d in model.deltas(n) for p in d.parameters()}
     n_adapter = sum(p.numel() for d in deltas for p in d.parameters())
     return n_adapter, sum(p.numel() for p in model.base_model.parameters() if id(p) not in own)
 
@@ -117,7 +117,7 @@ def train_calibrator(model: AdaptedModel, train: dict[str, QuerySet], n_entities
     cfg = cfg or CalibrationConfig()
     model.set_adapter(adapter_name)
     data = subsample(train, cfg.structures, cfg.fraction, cfg.seed)
-    params = [p for s in model.sites() if adapter_name in s.deltas for p in s.deltas[adapter_name].parameters()]
+    params = [p for d in model.deltas(adapter_name) for p in d.parameters()]
     if not params:
         raise ConfigError(f"adapter '{adapter_name}' has no trainable parameters to calibrate")
     torch.manual_seed(cfg.seed)
@@ -167,5 +167,5 @@ def train_calibrator(model: AdaptedModel, train: dict[str, QuerySet], n_entities
 def calibrated_copy(predictor: torch.nn.Module, config=None, adapter_name: str = "default") -> AdaptedModel:
     """Adapt a deep copy of `predictor` with a fresh (identity) calibrator; the original stays untouched."""
     from ..core.model import adapt
-    from ..methods.cqd_calibrator import CQDCalibratorConfig
+    from .calibrator import CQDCalibratorConfig
     return adapt(copy.deepcopy(predictor), config or CQDCalibratorConfig(), adapter_name)

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
-
+from ..core import layers
 from ..core.config import AdapterConfig
 from ..core.delta import Delta
 from ..core.errors import ConfigError
+from ..core.fields import choice, positive_int
 from ..core.registry import Capabilities, register
 
 STYLES = {"houlsby": "sequential", "pfeiffer": "sequential", "parallel": "parallel",
@@ -28,27 +28,18 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiL
 
 
 @dataclass
-class BottleneckConfig(AdapterConfig):
-    """Bottleneck adapter of width `r` at every target (Linear or GPT-2 Conv1D); `style` picks the form."""
+class BottleneckShape(AdapterConfig):
+    """The fields of a bottleneck adapter's form, declared once for the adapter and for fusions of them."""
 
-    peft_type = "BOTTLENECK"
-
-    style: str = "houlsby"
-    r: int = 16
+    style: str = choice("houlsby", sorted(STYLES))
+    r: int = positive_int(16)  # the bottleneck width
     scaling: float | None = None  # parallel only; None: 1 (parallel) or 4 (scaled_parallel, He et al.)
-    non_linearity: str = "relu"
+    non_linearity: str = choice("relu", sorted(ACTIVATIONS))
 
     def validate(self) -> None:
         super().validate()
-        if self.style not in STYLES:
-            raise ConfigError(f"BottleneckConfig.style: expected one of {sorted(STYLES)}, got {self.style!r}")
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ConfigError(f"BottleneckConfig.r: bottleneck width must be a positive integer, got {self.r!r}")
-        if self.non_linearity not in ACTIVATIONS:
-            raise ConfigError(f"BottleneckConfig.non_linearity: expected one of {sorted(ACTIVATIONS)}, "
-                              f"got {self.non_linearity!r}")
         if self.scaling is not None and STYLES[self.style] != "parallel":
-            raise ConfigError(f"BottleneckConfig.scaling applies to parallel styles only, not {self.style!r}")
+            raise ConfigError(f"{type(self).__name__}.scaling applies to parallel styles only, not {self.style!r}")
 
     @property
     def scale(self) -> float:
@@ -58,18 +49,24 @@ class BottleneckConfig(AdapterConfig):
         return 4.0 if self.style == "scaled_parallel" else 1.0
 
 
+@dataclass
+class BottleneckConfig(BottleneckShape):
+    """Bottleneck adapter of width `r` at every target (a matrix layer); `style` picks the form."""
+
+    peft_type = "BOTTLENECK"
+
+
 def layer_dims(base: nn.Module) -> tuple[int, int]:
-    """(in, out) features of a Linear or GPT-2 Conv1D."""
-    if isinstance(base, Conv1D):
-        return base.weight.shape[0], base.weight.shape[1]
-    return base.in_features, base.out_features
+    """(in, out) features of a matrix layer."""
+    geo = layers.geometry(base)
+    return geo.in_features, geo.out_features
 
 
 class BottleneckDelta(Delta):
     """down (d_in or d_out -> r), activation, up (r -> d_out, zero at init: the identity at init)."""
 
-    def __init__(self, base: nn.Module, config: BottleneckConfig, path: str) -> None:
-        super().__init__(base, config, path)
+    def __init__(self, base: nn.Module, config: BottleneckConfig, path: str, bank=None) -> None:
+        super().__init__(base, config, path, bank)
         d_in, d_out = layer_dims(base)
         self.sequential = STYLES[config.style] == "sequential"
         self.scale = 1.0 if self.sequential else config.scale
@@ -83,10 +80,6 @@ class BottleneckDelta(Delta):
         h = base_out if self.sequential else x
         out = self.adapter_up(self.act(self.adapter_down(h.to(self.adapter_down.weight.dtype))))
         return base_out + (self.scale * out).to(base_out.dtype)
-
-
-register("bottleneck", BottleneckConfig,
-         Capabilities(mergeable=False, mixed_batch=True, layer_types=(nn.Linear, Conv1D)))(BottleneckDelta)
 
 
 def add_mam(model, adapter_name: str, prefix: "PrefixTuningConfig", ffn_targets: list[str] | str,  # noqa: F821
@@ -116,3 +109,8 @@ def add_mam(model, adapter_name: str, prefix: "PrefixTuningConfig", ffn_targets:
             raise
     model.set_adapter(names)
     return model
+
+
+register("bottleneck", BottleneckConfig, BottleneckDelta,
+         Capabilities(mergeable=False, mixed_batch=True, layer_types=layers.MATRIX_LAYERS, quantized_base=True),
+         exports=(add_mam,))

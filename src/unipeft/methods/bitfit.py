@@ -5,8 +5,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
-
+from ..core import layers
 from ..core.config import AdapterConfig
 from ..core.delta import Delta
 from ..core.errors import TargetError
@@ -25,8 +24,8 @@ class BitFitDelta(Delta):
 
     kind = "weight"
 
-    def __init__(self, base: nn.Module, config: BitFitConfig, path: str) -> None:
-        super().__init__(base, config, path)
+    def __init__(self, base: nn.Module, config: BitFitConfig, path: str, bank=None) -> None:
+        super().__init__(base, config, path, bank)
         bias = getattr(base, "bias", None)
         if not isinstance(bias, torch.Tensor):
             raise TargetError(f"BitFit: module '{path}' ({type(base).__name__}) has no bias to tune")
@@ -40,12 +39,12 @@ class BitFitDelta(Delta):
         return {"bias": self.bitfit_bias}
 
 
-_LAYERS = (nn.Linear, Conv1D, nn.Conv1d, nn.Conv2d, nn.LayerNorm)
+_LAYERS = layers.MATRIX_LAYERS + (nn.Conv1d, nn.Conv2d, nn.LayerNorm)
 
 
 def _has_bias(path: str, module: nn.Module) -> bool:
     return isinstance(module, _LAYERS) and isinstance(getattr(module, "bias", None), torch.Tensor)
 
 
-register("bitfit", BitFitConfig, Capabilities(mergeable=True, mixed_batch=True, layer_types=_LAYERS),
-         default_targets=_has_bias)(BitFitDelta)
+register("bitfit", BitFitConfig, BitFitDelta, Capabilities(mergeable=True, mixed_batch=True, layer_types=_LAYERS),
+         default_targets=_has_bias)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError
+from ..core.fields import choice, positive_int, positive_number
 from ..core.registry import Capabilities, register
 from .prompts import PromptLearningConfig, PromptDelta, init_prompt, is_input_embedding
 
@@ -29,22 +30,10 @@ class DeptConfig(PromptLearningConfig):
 
     peft_type = "DEPT"
 
-    rank: int = 8
-    max_length: int = 128
-    lr_embedding_update: float | None = None
-    init: str = "vocab"  # the prompt's init: "vocab" (DePT's choice) or "random"
-
-    def validate(self) -> None:
-        super().validate()
-        for name in ("rank", "max_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"DeptConfig.{name}: expected a positive integer, got {value!r}")
-        lr = self.lr_embedding_update
-        if lr is not None and (not isinstance(lr, (int, float)) or lr <= 0):
-            raise ConfigError(f"DeptConfig.lr_embedding_update: expected a positive number or None, got {lr!r}")
-        if self.init not in ("vocab", "random"):
-            raise ConfigError(f"DeptConfig.init: expected 'vocab' or 'random', got {self.init!r}")
+    rank: int = positive_int(8)
+    max_length: int = positive_int(128)
+    lr_embedding_update: float | None = positive_number(None, optional=True)
+    init: str = choice("vocab", ("vocab", "random"))  # the prompt's init: "vocab" (DePT's choice) or "random"
 
     def optimizer_groups(self, adapter_name: str) -> list[dict[str, Any]]:
         """The trainer's second parameter group: the embedding update at `lr_embedding_update`."""
@@ -61,8 +50,8 @@ class DeptConfig(PromptLearningConfig):
 class DeptDelta(PromptDelta):
     """`prompt_embeddings` (n x d), `lora_embedding_A` (max_length x r), `lora_embedding_B` (r x d; zero at init)."""
 
-    def __init__(self, base: nn.Embedding, config: DeptConfig, path: str) -> None:
-        super().__init__(base, config, path)
+    def __init__(self, base: nn.Embedding, config: DeptConfig, path: str, bank=None) -> None:
+        super().__init__(base, config, path, bank)
         self.max_length = config.max_length
         self.prompt_embeddings = nn.Parameter(torch.empty(self.num_virtual_tokens, self.token_dim))
         self.lora_embedding_A = nn.Parameter(torch.empty(config.max_length, config.rank))
@@ -85,6 +74,6 @@ class DeptDelta(PromptDelta):
         return embeds + update.to(embeds.dtype)
 
 
-register("dept", DeptConfig,
+register("dept", DeptConfig, DeptDelta,
          Capabilities(mergeable=False, mixed_batch=False, layer_types=(nn.Embedding,)),
-         default_targets=is_input_embedding)(DeptDelta)
+         default_targets=is_input_embedding)

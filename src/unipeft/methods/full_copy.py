@@ -28,8 +28,8 @@ class FullCopyDelta(Delta):
     weight_dependent = True
     attr = "copy"
 
-    def __init__(self, base: nn.Module, config: AdapterConfig, path: str) -> None:
-        super().__init__(base, config, path)
+    def __init__(self, base: nn.Module, config: AdapterConfig, path: str, bank=None) -> None:
+        super().__init__(base, config, path, bank)
         clone = copy.deepcopy(base)
         for p in clone.parameters():
             p.requires_grad_(True)
@@ -76,8 +76,8 @@ class LNTuningDelta(FullCopyDelta):
     attr = "ln_tuning_layers"
 
 
-register("modules_to_save", ModulesToSaveConfig,
-         Capabilities(mergeable=True, mixed_batch=True, layer_types=(nn.Module,)), internal=True)(ModulesToSaveDelta)
-register("ln_tuning", LNTuningConfig,
+register("modules_to_save", ModulesToSaveConfig, ModulesToSaveDelta,
+         Capabilities(mergeable=True, mixed_batch=True, layer_types=(nn.Module,)), internal=True)
+register("ln_tuning", LNTuningConfig, LNTuningDelta,
          Capabilities(mergeable=True, mixed_batch=True, layer_types=(NormLayer,), peft_compatible=True),
-         default_targets=lambda path, m: isinstance(m, NormLayer))(LNTuningDelta)
+         default_targets=lambda path, m: isinstance(m, NormLayer))

@@ -19,40 +19,25 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
-
-from ..core.config import AdapterConfig
+from ..core import layers
 from ..core.delta import Delta
 from ..core.errors import ConfigError
+from ..core.fields import choice, positive_int, positive_number
 from ..core.registry import Capabilities, register
-from .adapters import ACTIVATIONS, STYLES, BottleneckConfig, BottleneckDelta, layer_dims
+from .adapters import ACTIVATIONS, STYLES, BottleneckConfig, BottleneckDelta, BottleneckShape, layer_dims
 
 MODES = ("average", "fusion", "scalearn")
 
 
 @dataclass
-class FusionConfig(AdapterConfig):
-    """Combine `num_sources` frozen bottleneck adapters (width r, `style`) by `mode`."""
+class FusionConfig(BottleneckShape):
+    """Combine `num_sources` frozen bottleneck adapters (of the form r, `style`, ...) by `mode`."""
 
     peft_type = "ADAPTER_FUSION"
 
-    mode: str = "fusion"
-    num_sources: int = 2
-    r: int = 16
-    style: str = "houlsby"
-    scaling: float | None = None
-    non_linearity: str = "relu"
-    temperature: float = 1.0  # AdapterFusion's softmax temperature
-
-    def validate(self) -> None:
-        super().validate()
-        if self.mode not in MODES:
-            raise ConfigError(f"FusionConfig.mode: expected one of {MODES}, got {self.mode!r}")
-        if not isinstance(self.num_sources, int) or self.num_sources < 1:
-            raise ConfigError(f"FusionConfig.num_sources: expected a positive integer, got {self.num_sources!r}")
-        if self.temperature <= 0:
-            raise ConfigError(f"FusionConfig.temperature: expected a positive number, got {self.temperature!r}")
-        self.source_config()  # checks r, style, scaling, non_linearity
+    mode: str = choice("fusion", MODES)
+    num_sources: int = positive_int(2)
+    temperature: float = positive_number(1.0)  # AdapterFusion's softmax temperature
 
     def source_config(self) -> BottleneckConfig:
         """The config the sources were made with."""
@@ -63,8 +48,11 @@ class FusionConfig(AdapterConfig):
 class FusionDelta(Delta):
     """Frozen source weights as buffers; trainable combination parameters by mode."""
 
-    def __init__(self, base: nn.Module, config: FusionConfig, path: str) -> None:
-        super().__init__(base, config, path)
+    # A fresh fusion combines (placeholder) source adapters until fuse() copies real ones in.
+    identity_at_init = False
+
+    def __init__(self, base: nn.Module, config: FusionConfig, path: str, bank=None) -> None:
+        super().__init__(base, config, path, bank)
         d_in, d_out = layer_dims(base)
         n, r, src = config.num_sources, config.r, config.source_config()
         self.mode, self.temperature = config.mode, config.temperature
@@ -110,8 +98,6 @@ class FusionDelta(Delta):
         return out.to(base_out.dtype)
 
 
-register("fusion", FusionConfig, Capabilities(mergeable=False, mixed_batch=True,
-                                              layer_types=(nn.Linear, Conv1D)))(FusionDelta)
 
 
 def fuse(model, adapter_name: str, sources: list[str], mode: str = "fusion", temperature: float = 1.0) -> None:
@@ -123,7 +109,7 @@ def fuse(model, adapter_name: str, sources: list[str], mode: str = "fusion", tem
     missing = [s for s, c in zip(sources, cfgs) if c is None]
     if missing:
         raise ConfigError(f"fuse: no adapter named {missing}; adapters: {sorted(model.peft_config)}")
-    if any(not isinstance(c, BottleneckConfig) for c in cfgs):
+    if any(type(c) is not BottleneckConfig for c in cfgs):
         raise ConfigError(f"fuse: sources must be bottleneck adapters (up.BottleneckConfig); got "
                           f"{[type(c).__name__ for c in cfgs]}")
     first = cfgs[0]
@@ -138,13 +124,14 @@ def fuse(model, adapter_name: str, sources: list[str], mode: str = "fusion", tem
                        target_modules=paths, task_type=first.task_type)
     model.add_adapter(adapter_name, cfg)
     with torch.no_grad():
-        for site in model.sites():
-            if adapter_name not in site.deltas:
-                continue
-            fused: FusionDelta = site.deltas[adapter_name]
-            srcs: list[BottleneckDelta] = [site.deltas[n] for n in sources]
+        for fused in model.deltas(adapter_name):
+            srcs: list[BottleneckDelta] = [model.delta_at(n, fused.path) for n in sources]
             fused.source_down_weight.copy_(torch.stack([d.adapter_down.weight for d in srcs]))
             fused.source_down_bias.copy_(torch.stack([d.adapter_down.bias for d in srcs]))
             fused.source_up_weight.copy_(torch.stack([d.adapter_up.weight for d in srcs]))
             fused.source_up_bias.copy_(torch.stack([d.adapter_up.bias for d in srcs]))
     model.set_adapter(adapter_name)
+
+
+register("fusion", FusionConfig, FusionDelta,
+         Capabilities(mergeable=False, mixed_batch=True, layer_types=layers.MATRIX_LAYERS), exports=(fuse,))

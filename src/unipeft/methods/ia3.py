@@ -5,11 +5,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
-
+from ..core import layers
 from ..core.config import AdapterConfig
 from ..core.delta import Delta
-from ..core.errors import ConfigError
+from ..core.fields import name_spec
 from ..core.registry import Capabilities, register
 from ..core.targets import name_matches
 
@@ -20,15 +19,18 @@ class IA3Config(AdapterConfig):
 
     peft_type = "IA3"
     not_in_peft = ("layers_to_transform", "layers_pattern")
-    feedforward_modules: list[str] | str | None = None
+    feedforward_modules: list[str] | str | None = name_spec()
     fan_in_fan_out: bool = False
     init_ia3_weights: bool = True
 
-    def validate(self) -> None:
-        super().validate()
-        ff = self.feedforward_modules
-        if ff is not None and not isinstance(ff, (str, list)):
-            raise ConfigError(f"IA3Config.feedforward_modules: expected a list of names or a regex, got {ff!r}")
+    def resolved_fields(self, model, targets) -> dict:
+        """What PEFT records for GPT-2's transposed Conv1D."""
+        return {"fan_in_fan_out": any(layers.is_transposed(m) for _, m in targets)}
+
+    @classmethod
+    def example_fields(cls, candidates: list[str]) -> dict:
+        """Every other target scales its input (feed-forward form), the rest their output."""
+        return {"feedforward_modules": candidates[1::2]}
 
 
 class IA3Delta(Delta):
@@ -36,23 +38,21 @@ class IA3Delta(Delta):
 
     weight_dependent = True
 
-    def __init__(self, base: nn.Module, config: IA3Config, path: str) -> None:
-        super().__init__(base, config, path)
+    def __init__(self, base: nn.Module, config: IA3Config, path: str, bank=None) -> None:
+        super().__init__(base, config, path, bank)
         self.feedforward = bool(config.feedforward_modules) and name_matches(path, config.feedforward_modules)
         self.kind = "input" if self.feedforward else "output"
-        w = base.weight
-        config.fan_in_fan_out = isinstance(base, Conv1D)  # what PEFT records for GPT-2's Conv1D
-        if isinstance(base, (nn.Conv1d, nn.Conv2d)):
-            channels = base.in_channels if self.feedforward else base.out_channels
-            shape = (1, channels) + (1,) * (w.dim() - 2)
+        geo = layers.geometry(base)
+        if geo.kind == "conv":
+            channels = geo.in_features if self.feedforward else geo.out_features
+            shape = (1, channels) + (1,) * len(geo.kernel_size)
         else:
-            out_f, in_f = (w.shape[1], w.shape[0]) if isinstance(base, Conv1D) else w.shape
-            shape = (1, in_f) if self.feedforward else (out_f, 1)
+            shape = (1, geo.in_features) if self.feedforward else (geo.out_features, 1)
         self.ia3_l = nn.Parameter(torch.ones(shape) if config.init_ia3_weights else torch.randn(shape))
 
     def _vector(self) -> torch.Tensor:
         """The scaling as a broadcastable vector over the channel/feature dim of activations."""
-        if isinstance(self.base, (nn.Conv1d, nn.Conv2d)):
+        if layers.geometry(self.base).kind == "conv":
             return self.ia3_l
         return self.ia3_l.flatten()
 
@@ -64,19 +64,17 @@ class IA3Delta(Delta):
 
     def delta_weight(self) -> dict[str, torch.Tensor]:
         base, l = self.base, self.ia3_l
-        w = base.weight
-        if isinstance(base, (nn.Conv1d, nn.Conv2d)):
-            scale = l if self.feedforward else l.transpose(0, 1)
-        elif isinstance(base, Conv1D):
-            scale = l.T  # weight is (in, out)
-        else:
-            scale = l
-        out = {"weight": w * (scale - 1)}
+        if layers.geometry(base).kind == "conv":
+            w = base.weight
+            out = {"weight": w * ((l if self.feedforward else l.transpose(0, 1)) - 1)}
+        else:  # scale the dense (out, in) weight by rows (output form) or columns (feed-forward form)
+            w = layers.dense_weight(base)
+            out = {"weight": layers.to_param_layout(base, w * (l - 1))}
         if not self.feedforward and base.bias is not None:
             out["bias"] = base.bias * (l.reshape(base.bias.shape) - 1)
         return out
 
 
-register("ia3", IA3Config, Capabilities(mergeable=True, mixed_batch=True,
-                                        layer_types=(nn.Linear, Conv1D, nn.Conv1d, nn.Conv2d),
-                                        peft_compatible=True))(IA3Delta)
+register("ia3", IA3Config, IA3Delta, Capabilities(mergeable=True, mixed_batch=True,
+                                                  layer_types=layers.MATRIX_LAYERS + (nn.Conv1d, nn.Conv2d),
+                                                  peft_compatible=True))

@@ -30,22 +30,21 @@ class PrefixTuningConfig(PromptLearningConfig):
     prefix_projection: bool = False
     encoder_hidden_size: int | None = None
 
-    def resolve_for_model(self, model, targets) -> None:
-        super().resolve_for_model(model, targets)
+    def resolved_fields(self, model, targets) -> dict:
+        out = super().resolved_fields(model, targets)
         data = _model_config(model)
-        if self.num_layers is None or self.num_attention_heads is None:
+        dim, heads = out["token_dim"], out["num_attention_heads"]
+        if out["num_layers"] is None or heads is None:
             raise TargetError(f"PrefixTuningConfig: cannot read the layer and head counts from "
                               f"{type(model).__name__}'s config; set num_layers and num_attention_heads")
-        if data.get("num_key_value_heads") and data["num_key_value_heads"] != self.num_attention_heads:
+        if data.get("num_key_value_heads") and data["num_key_value_heads"] != heads:
             # Grouped-query attention caches fewer heads: size the prefix by the key/value heads (as PEFT).
-            head_dim = data.get("head_dim") or self.token_dim // self.num_attention_heads
-            self.token_dim = head_dim * data["num_key_value_heads"]
-            self.num_attention_heads = data["num_key_value_heads"]
-        if self.token_dim % self.num_attention_heads:
-            raise ConfigError(f"PrefixTuningConfig: token_dim {self.token_dim} is not divisible by "
-                              f"num_attention_heads {self.num_attention_heads}")
-        if self.encoder_hidden_size is None:
-            self.encoder_hidden_size = self.token_dim
+            head_dim = data.get("head_dim") or dim // heads
+            dim, heads = head_dim * data["num_key_value_heads"], data["num_key_value_heads"]
+        if dim % heads:
+            raise ConfigError(f"PrefixTuningConfig: token_dim {dim} is not divisible by num_attention_heads {heads}")
+        return {**out, "token_dim": dim, "num_attention_heads": heads,
+                "encoder_hidden_size": self.encoder_hidden_size or dim}
 
 
 def _backbone_with_cache(model: nn.Module) -> nn.Module | None:
@@ -62,8 +61,8 @@ def _backbone_with_cache(model: nn.Module) -> nn.Module | None:
 class PrefixDelta(ReparametrizedPrompt):
     """Keys/values per layer, given to the model as a DynamicCache (PEFT's PrefixEncoder layout)."""
 
-    def __init__(self, base: nn.Embedding, config: PrefixTuningConfig, path: str) -> None:
-        super().__init__(base, config, path)
+    def __init__(self, base: nn.Embedding, config: PrefixTuningConfig, path: str, bank=None) -> None:
+        super().__init__(base, config, path, bank)
         self.num_layers = config.num_layers
         self.num_heads = config.num_attention_heads
         width = config.num_layers * 2 * self.token_dim
@@ -128,6 +127,6 @@ class PrefixDelta(ReparametrizedPrompt):
         return kwargs, lambda out: (handle.remove(), out)[1]
 
 
-register("prefix_tuning", PrefixTuningConfig,
+register("prefix_tuning", PrefixTuningConfig, PrefixDelta,
          Capabilities(mergeable=False, mixed_batch=False, layer_types=(nn.Embedding,), peft_compatible=True),
-         default_targets=is_input_embedding)(PrefixDelta)
+         default_targets=is_input_embedding)

@@ -19,6 +19,7 @@ from torch import nn
 from ..core.config import AdapterConfig
 from ..core.delta import Delta
 from ..core.errors import AdapterLoadError, ConfigError, TargetError
+from ..core.fields import choice, fraction, positive_int
 from ..core.registry import Capabilities, register
 
 # Names under which models keep their input token embedding (BERT, GPT-2, Llama, GPT-NeoX, T5).
@@ -52,30 +53,22 @@ class PromptLearningConfig(AdapterConfig):
     not_in_peft = _PROMPT_TARGET_FIELDS
     peft_inert = {"num_transformer_submodules": 1}
 
-    num_virtual_tokens: int = 8
+    num_virtual_tokens: int = positive_int(8)
     token_dim: int | None = None
     num_layers: int | None = None
     num_attention_heads: int | None = None
 
-    def validate(self) -> None:
-        super().validate()
-        n = self.num_virtual_tokens
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-            raise ConfigError(f"{type(self).__name__}.num_virtual_tokens: expected a positive integer, got {n!r}")
-
-    def resolve_for_model(self, model: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:
-        """Check there is one input embedding and fill token_dim / num_layers / heads from the model."""
+    def resolved_fields(self, model: nn.Module, targets: list[tuple[str, nn.Module]]) -> dict[str, Any]:
+        """Check there is one input embedding and read token_dim / num_layers / heads from the model."""
         if len(targets) != 1:
             raise TargetError(f"{type(self).__name__}: a prompt adapter sits at the model's one input embedding, "
                               f"but the targets matched {[p for p, _ in targets]}; set target_modules to the "
                               f"token embedding's name (e.g. ['word_embeddings'])")
         data = _model_config(model)
-        if self.token_dim is None:
-            self.token_dim = targets[0][1].embedding_dim
-        if self.num_layers is None:
-            self.num_layers = _first(data, "num_hidden_layers", "num_layers", "n_layer")
-        if self.num_attention_heads is None:
-            self.num_attention_heads = _first(data, "num_attention_heads", "n_head", "num_heads")
+        return {"token_dim": self.token_dim or targets[0][1].embedding_dim,
+                "num_layers": self.num_layers or _first(data, "num_hidden_layers", "num_layers", "n_layer"),
+                "num_attention_heads": self.num_attention_heads or _first(data, "num_attention_heads", "n_head",
+                                                                          "num_heads")}
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -88,9 +81,10 @@ class PromptDelta(Delta):
 
     model_input = True
     state_at_root = True
+    identity_at_init = False  # virtual tokens change the output by design
 
-    def __init__(self, base: nn.Module, config: PromptLearningConfig, path: str) -> None:
-        super().__init__(base, config, path)
+    def __init__(self, base: nn.Module, config: PromptLearningConfig, path: str, bank=None) -> None:
+        super().__init__(base, config, path, bank)
         self.num_virtual_tokens = config.num_virtual_tokens
         self.token_dim = config.token_dim or base.embedding_dim
 
@@ -168,14 +162,12 @@ class PromptTuningConfig(PromptLearningConfig):
     peft_names = {"init": "prompt_tuning_init", "init_text": "prompt_tuning_init_text"}
     peft_inert = {"num_transformer_submodules": 1, "tokenizer_kwargs": None}
 
-    init: str = "random"
+    init: str = choice("random", sorted(_INITS))
     init_text: str | None = None
     tokenizer_name_or_path: str | None = None
 
     def validate(self) -> None:
         super().validate()
-        if self.init not in _INITS:
-            raise ConfigError(f"PromptTuningConfig.init: expected one of {sorted(_INITS)}, got {self.init!r}")
         if self.init == "text" and not (self.init_text and self.tokenizer_name_or_path):
             raise ConfigError("PromptTuningConfig: init='text' needs init_text and tokenizer_name_or_path "
                               "(a local tokenizer folder)")
@@ -226,8 +218,8 @@ def init_prompt(weight: torch.Tensor, base: nn.Embedding, init: str, text: str |
 class PromptTuningDelta(PromptDelta):
     """The prompt is one (n x d) parameter, saved as PEFT's `prompt_embeddings`."""
 
-    def __init__(self, base: nn.Embedding, config: PromptTuningConfig, path: str) -> None:
-        super().__init__(base, config, path)
+    def __init__(self, base: nn.Embedding, config: PromptTuningConfig, path: str, bank=None) -> None:
+        super().__init__(base, config, path, bank)
         self.prompt_embeddings = nn.Parameter(torch.empty(self.num_virtual_tokens, self.token_dim))
         if config.inference_mode:  # about to be loaded: PEFT skips the init too
             nn.init.zeros_(self.prompt_embeddings)
@@ -246,25 +238,14 @@ class PTuningConfig(PromptLearningConfig):
     peft_type = "P_TUNING"
     peft_names = {"encoder": "encoder_reparameterization_type"}
 
-    encoder: str = "MLP"
-    encoder_hidden_size: int | None = None
-    encoder_num_layers: int = 2
-    encoder_dropout: float = 0.0
+    encoder: str = choice("MLP", ("MLP", "LSTM"))
+    encoder_hidden_size: int | None = positive_int(None, optional=True)
+    encoder_num_layers: int = positive_int(2)
+    encoder_dropout: float = fraction(0.0, "0 <= dropout < 1")
 
-    def validate(self) -> None:
-        super().validate()
-        if self.encoder not in ("MLP", "LSTM"):
-            raise ConfigError(f"PTuningConfig.encoder: expected 'MLP' or 'LSTM', got {self.encoder!r}")
-        if self.encoder_hidden_size is not None and self.encoder_hidden_size <= 0:
-            raise ConfigError(f"PTuningConfig.encoder_hidden_size: expected a positive integer, "
-                              f"got {self.encoder_hidden_size!r}")
-        if not 0.0 <= self.encoder_dropout < 1.0:
-            raise ConfigError(f"PTuningConfig.encoder_dropout: expected 0 <= dropout < 1, got {self.encoder_dropout!r}")
-
-    def resolve_for_model(self, model, targets) -> None:
-        super().resolve_for_model(model, targets)
-        if self.encoder_hidden_size is None:
-            self.encoder_hidden_size = self.token_dim
+    def resolved_fields(self, model, targets) -> dict[str, Any]:
+        out = super().resolved_fields(model, targets)
+        return {**out, "encoder_hidden_size": self.encoder_hidden_size or out["token_dim"]}
 
 
 class ReparametrizedPrompt(PromptDelta):
@@ -274,8 +255,8 @@ class ReparametrizedPrompt(PromptDelta):
 
     encoder_prefix: ClassVar[str] = "prompt_encoder."
 
-    def __init__(self, base, config, path) -> None:
-        super().__init__(base, config, path)
+    def __init__(self, base, config, path, bank=None) -> None:
+        super().__init__(base, config, path, bank)
         self.register_buffer("fixed_prompt", None, persistent=False)
 
     def encode(self) -> torch.Tensor:  # pragma: no cover - subclasses define it
@@ -309,8 +290,8 @@ class ReparametrizedPrompt(PromptDelta):
 class PTuningDelta(ReparametrizedPrompt):
     """PEFT's PromptEncoder: embedding -> MLP (3 layers, ReLU) or bidirectional LSTM + MLP head."""
 
-    def __init__(self, base: nn.Embedding, config: PTuningConfig, path: str) -> None:
-        super().__init__(base, config, path)
+    def __init__(self, base: nn.Embedding, config: PTuningConfig, path: str, bank=None) -> None:
+        super().__init__(base, config, path, bank)
         d, h = self.token_dim, config.encoder_hidden_size or self.token_dim
         self.embedding = nn.Embedding(self.num_virtual_tokens, d)
         self.use_lstm = config.encoder == "LSTM"
@@ -329,5 +310,5 @@ class PTuningDelta(ReparametrizedPrompt):
 
 
 _CAPS = Capabilities(mergeable=False, mixed_batch=False, layer_types=(nn.Embedding,), peft_compatible=True)
-register("prompt_tuning", PromptTuningConfig, _CAPS, default_targets=is_input_embedding)(PromptTuningDelta)
-register("p_tuning", PTuningConfig, _CAPS, default_targets=is_input_embedding)(PTuningDelta)
+register("prompt_tuning", PromptTuningConfig, PromptTuningDelta, _CAPS, default_targets=is_input_embedding)
+register("p_tuning", PTuningConfig, PTuningDelta, _CAPS, default_targets=is_input_embedding)

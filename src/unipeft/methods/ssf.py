@@ -9,8 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
-
+from ..core import layers
 from ..core.config import AdapterConfig
 from ..core.delta import Delta
 from ..core.registry import Capabilities, register
@@ -18,7 +17,7 @@ from ..core.registry import Capabilities, register
 
 class _BiasedMeta(type):
     def __instancecheck__(cls, obj) -> bool:
-        return (isinstance(obj, (nn.Linear, Conv1D, nn.LayerNorm)) and getattr(obj, "bias", None) is not None
+        return (isinstance(obj, layers.MATRIX_LAYERS + (nn.LayerNorm,)) and getattr(obj, "bias", None) is not None
                 and getattr(obj, "weight", None) is not None)
 
 
@@ -38,8 +37,8 @@ class SSFDelta(Delta):
 
     weight_dependent = True  # the merged delta is (gamma - 1) * W: cache it to unmerge exactly
 
-    def __init__(self, base: nn.Module, config: SSFConfig, path: str) -> None:
-        super().__init__(base, config, path)
+    def __init__(self, base: nn.Module, config: SSFConfig, path: str, bank=None) -> None:
+        super().__init__(base, config, path, bank)
         features = base.bias.shape[0]
         self.ssf_scale = nn.Parameter(torch.ones(features))
         self.ssf_shift = nn.Parameter(torch.zeros(features))
@@ -48,15 +47,13 @@ class SSFDelta(Delta):
         return (base_out * self.ssf_scale + self.ssf_shift).to(base_out.dtype)
 
     def delta_weight(self) -> dict[str, torch.Tensor]:
-        w, b = self.base.weight, self.base.bias
+        b = self.base.bias
         g = self.ssf_scale - 1
-        if isinstance(self.base, Conv1D):  # (in, out): features are columns
-            dw = w * g[None, :]
-        elif w.dim() == 1:  # LayerNorm
-            dw = w * g
-        else:
-            dw = w * g[:, None]
+        if isinstance(self.base, nn.LayerNorm):
+            dw = self.base.weight * g
+        else:  # scale the rows (output features) of the dense (out, in) weight
+            dw = layers.to_param_layout(self.base, layers.dense_weight(self.base) * g[:, None])
         return {"weight": dw, "bias": b * g + self.ssf_shift}
 
 
-register("ssf", SSFConfig, Capabilities(mergeable=True, mixed_batch=True, layer_types=(LayerWithBias,)))(SSFDelta)
+register("ssf", SSFConfig, SSFDelta, Capabilities(mergeable=True, mixed_batch=True, layer_types=(LayerWithBias,)))

@@ -1,4 +1,4 @@
-"""Load a finished run folder (config.yaml + summary.json + adapter/) back into a model for eval/predict."""
+"""Load a finished run folder (config.yaml + summary.json + adapter/ or trainable.safetensors) back for eval/predict."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ from torch import nn
 from ..core.errors import ConfigError
 from ..data.encode import encode_prompt_completion
 from ..data.splits import Splits
-from .config import FULL, RunConfig, build_method_config, config_from_dict
+from .config import RunConfig, config_from_dict
 from .models import load_base_model, load_tokenizer
 from .run import SUMMARY, partial_dir
 
@@ -42,16 +42,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     tokenizer = load_tokenizer(cfg.model.name)
     in_features = int(summary.get("in_features") or 0)
     base = load_base_model(cfg.model, cfg.task, labels, cfg.seed, in_features)
-    if cfg.method_name == FULL:
-        from safetensors.torch import load_file
-
-        from .checkpoint import load_trainable_state
-        from .setup import apply_method
-        model = apply_method(base, cfg, build_method_config(cfg.method))
-        load_trainable_state(model, load_file(str(run_dir / "trainable.safetensors")))
-    else:
-        from ..core.model import AdaptedModel
-        model = AdaptedModel.from_pretrained(base, run_dir / "adapter")
+    model = cfg.strategy.load(base, run_dir)
     return LoadedRun(cfg, model.eval(), tokenizer, labels, summary)
 
 

@@ -17,10 +17,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.methods:
         from ..core.registry import public_methods
-        from .config import method_fields
+        from .strategy import BUILT_IN_METHODS, AdapterStrategy
         for name in sorted(public_methods()):
-            print(f"{name}: {', '.join(method_fields(name))}")
-        print("full: trainable (regexes of parameter names; default: all)")
+            print(AdapterStrategy.info_line(name))
+        for built_in in BUILT_IN_METHODS.values():
+            print(built_in.info_line())
         return 0
     if args.config is None:
         raise ConfigError("info: give a CONFIG.yaml (or --methods)")

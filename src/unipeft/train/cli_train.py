@@ -40,6 +40,6 @@ def run(args: argparse.Namespace) -> int:
         test = summary["test"]
         shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k != "examples")
         print(f"test {shown} ({test.get('examples', 0)} examples)")
-        print(f"wrote {cfg.output_dir} (adapter/, metrics.jsonl, summary.json) in "
+        print(f"wrote {cfg.output_dir} ({cfg.strategy.saved_as}, metrics.jsonl, summary.json) in "
               f"{summary['wall_seconds_this_process']:.0f} s")
     return 0

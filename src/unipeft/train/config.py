@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..core.config import AdapterConfig
 from ..core.errors import ConfigError
-from .schema import check_type, field_types, from_dict, parse_yaml, set_dotted, to_dict, unknown_key_error
+from .full import FULL, FullFineTuneConfig  # noqa: F401  (re-exported: callers import them from here)
+from .schema import check_type, from_dict, parse_yaml, set_dotted, to_dict, unknown_key_error
+from .strategy import BUILT_IN_METHODS, AdapterStrategy, MethodConfig, MethodStrategy, strategy_for
 
 TASKS = ("classification", "causal_lm")
-FULL = "full"  # pseudo-method: fine-tune the model's own parameters (all, or those matching `trainable`)
 
 
 @dataclass
@@ -106,7 +106,14 @@ class RunConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Check value ranges that types alone do not; raise ConfigError naming the key."""
+        """Check value ranges that types alone do not, and build the method; raise ConfigError naming the key."""
+        # The method comes first, as it did when config_from_dict built it before anything else.
+        if not isinstance(self.method, dict) or not isinstance(self.method.get("name"), str):
+            raise ConfigError("method.name: required, e.g. 'lora' (see `unipeft info --methods`) or 'full'")
+        # Built here, once: unknown keys and bad types fail with the method's field names, and every
+        # later user shares this object. A plain attribute, not a field, so to_dict() (config.yaml),
+        # ==, repr and the section list of overrides see only the `method` dict.
+        self._strategy = strategy_for(build_method_config(self.method), self.task)
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum,
                     "eval_batch_size": self.eval_batch_size, "log_every": self.log_every,
                     "keep_checkpoints": self.keep_checkpoints, "data.max_length": self.data.max_length}
@@ -126,13 +133,21 @@ class RunConfig:
             raise ConfigError(f"schedule.warmup_ratio: expected 0 <= ratio < 1, got {self.schedule.warmup_ratio}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ConfigError(f"max_grad_norm: expected a positive number or null, got {self.max_grad_norm}")
-        if "name" not in self.method or not isinstance(self.method["name"], str):
-            raise ConfigError("method.name: required, e.g. 'lora' (see `unipeft info --methods`) or 'full'")
 
     @property
     def method_name(self) -> str:
         """The method's registry name ('full' for plain fine-tuning)."""
         return str(self.method["name"])
+
+    @property
+    def method_config(self) -> MethodConfig:
+        """The typed `method` section: an AdapterConfig, or a FullFineTuneConfig for 'full'."""
+        return self._strategy.config
+
+    @property
+    def strategy(self) -> MethodStrategy:
+        """How the method is applied to the base model, saved into the run folder and loaded back."""
+        return self._strategy
 
     @property
     def data_seed(self) -> int:
@@ -146,19 +161,19 @@ class RunConfig:
 
 def method_fields(name: str) -> dict[str, Any]:
     """{field: type} of a method config ('full' has only `trainable`)."""
-    if name == FULL:
-        return {"trainable": list[str] | None}
-    from ..core.registry import get_method, public_methods
-    known = sorted(public_methods()) + [FULL]
+    if name in BUILT_IN_METHODS:
+        return BUILT_IN_METHODS[name].fields()
+    from ..core.registry import public_methods
+    known = sorted(public_methods()) + list(BUILT_IN_METHODS)
     if name not in known:
         from .schema import suggest
         raise ConfigError(f"method.name: unknown method {name!r}{suggest(name, known)} "
                           f"(`unipeft info --methods` lists them)")
-    return {k: v for k, v in field_types(get_method(name).config_cls).items() if k != "inference_mode"}
+    return AdapterStrategy.fields(name)
 
 
-def build_method_config(method: dict[str, Any]) -> AdapterConfig | dict[str, Any]:
-    """The AdapterConfig the `method` section describes (type-checked), or the 'full' options dict."""
+def build_method_config(method: dict[str, Any]) -> MethodConfig:
+    """The typed config the `method` section describes: an AdapterConfig, or a FullFineTuneConfig for 'full'."""
     name = method["name"]
     fields = method_fields(name)
     kwargs: dict[str, Any] = {}
@@ -168,8 +183,8 @@ def build_method_config(method: dict[str, Any]) -> AdapterConfig | dict[str, Any
         if key not in fields:
             raise unknown_key_error("method", key, ["name", *fields])
         kwargs[key] = check_type(value, fields[key], f"method.{key}")
-    if name == FULL:
-        return kwargs
+    if name in BUILT_IN_METHODS:
+        return BUILT_IN_METHODS[name](**kwargs)
     from ..core.registry import get_method
     return get_method(name).config_cls(**kwargs)
 
@@ -186,11 +201,7 @@ def config_from_dict(data: Any, source: str = "config") -> RunConfig:
         data["model"] = {"name": data["model"]}
     if isinstance(data.get("method"), str):
         data["method"] = {"name": data["method"]}
-    if "method" in data and isinstance(data["method"], dict):
-        if not isinstance(data["method"].get("name"), str):
-            raise ConfigError("method.name: required, e.g. 'lora' (see `unipeft info --methods`) or 'full'")
-        build_method_config(data["method"])  # unknown keys / bad types fail here, with the method's field names
-    return from_dict(RunConfig, data)
+    return from_dict(RunConfig, data)  # RunConfig.validate builds (and so checks) the method section
 
 
 def parse_overrides(tokens: list[str]) -> list[tuple[str, Any]]:

@@ -20,7 +20,7 @@ import yaml
 from ..core.errors import ConfigError
 from .callbacks import TrainerCallback
 from .checkpoint import list_checkpoints
-from .config import FULL, RunConfig
+from .config import RunConfig
 from .setup import RunParts, build_parts
 
 SUMMARY = "summary.json"
@@ -72,13 +72,7 @@ def _check_output(cfg: RunConfig, resume: bool, overwrite: bool) -> Path | None:
 
 def _save_final(parts: RunParts, model: Any, run_dir: Path) -> None:
     """The trained weights: PEFT-format adapter/ for adapter methods, trainable.safetensors for 'full'."""
-    if parts.cfg.method_name == FULL:
-        from safetensors.torch import save_file
-
-        from .checkpoint import trainable_state
-        save_file(trainable_state(model), str(run_dir / "trainable.safetensors"))
-    else:
-        model.save_pretrained(run_dir / "adapter")
+    parts.cfg.strategy.save(model, run_dir)
 
 
 def _finish(trainer: Any, parts: RunParts, cfg: RunConfig, report: Any, state: Any, test_set: Any, acc: Any,

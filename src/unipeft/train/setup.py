@@ -6,13 +6,13 @@ from typing import Any
 
 from torch import nn
 
-from ..core.config import AdapterConfig
 from ..core.errors import ConfigError
 from ..data.encode import EncodedSet, encode_split
 from ..data.sources import load_data
 from ..data.splits import Splits
-from .config import FULL, RunConfig, build_method_config
+from .config import RunConfig
 from .models import load_base_model, load_tokenizer
+from .strategy import MethodConfig, strategy_for
 
 
 @dataclass
@@ -23,7 +23,7 @@ class RunParts:
     splits: Splits
     tokenizer: Any
     model: nn.Module  # AdaptedModel, or the plain model for method 'full'
-    method_config: AdapterConfig | dict[str, Any]
+    method_config: MethodConfig  # cfg.method_config: an AdapterConfig, or a FullFineTuneConfig for 'full'
     label_names: list[str]
 
     @property
@@ -37,30 +37,15 @@ class RunParts:
         return encode_split(self.tokenizer, self.splits.get(split), self.cfg.data.max_length)
 
 
-def apply_method(base: nn.Module, cfg: RunConfig, method_config: AdapterConfig | dict[str, Any]) -> nn.Module:
-    """Adapt `base` with the method (classification heads are trained too, as PEFT's SEQ_CLS does)."""
-    if cfg.method_name == FULL:
-        patterns = method_config.get("trainable")
-        if patterns:
-            import re
-            hits = 0
-            for name, p in base.named_parameters():
-                p.requires_grad_(any(re.search(rx, name) for rx in patterns))
-                hits += p.requires_grad
-            if not hits:
-                raise ConfigError(f"method.trainable={patterns!r} matches no parameter of {type(base).__name__}")
-        return base
-    from ..core.model import adapt
-    from ..interop.peft import apply_task_type
-
-    if method_config.task_type is None:  # recorded in adapter_config.json, as PEFT does
-        method_config = method_config.replace(task_type="SEQ_CLS" if cfg.task == "classification" else "CAUSAL_LM")
-    return adapt(base, apply_task_type(method_config))
+def apply_method(base: nn.Module, cfg: RunConfig, method_config: MethodConfig | None = None) -> nn.Module:
+    """Apply the run's method to `base` (`method_config`: another config to apply instead of cfg's own)."""
+    # Kept for scripts that build the pieces themselves (benchmarks/); the strategy does the work.
+    strategy = cfg.strategy if method_config is None else strategy_for(method_config, cfg.task)
+    return strategy.apply(base)
 
 
 def build_parts(cfg: RunConfig, splits: Splits | None = None) -> RunParts:
     """Load data, tokenizer and model, and apply the method; raises UnipeftError on bad input."""
-    method_config = build_method_config(cfg.method)
     if splits is None:
         splits = load_data(cfg.task, cfg.data, cfg.data_seed)
     label_names = splits.label_names
@@ -69,5 +54,5 @@ def build_parts(cfg: RunConfig, splits: Splits | None = None) -> RunParts:
     tokenizer = load_tokenizer(cfg.model.name)
     in_features = int(splits.train.features.shape[1]) if hasattr(splits.train, "features") else 0
     base = load_base_model(cfg.model, cfg.task, label_names, cfg.seed, in_features)
-    model = apply_method(base, cfg, method_config)
-    return RunParts(cfg, splits, tokenizer, model, method_config, label_names)
+    model = cfg.strategy.apply(base)
+    return RunParts(cfg, splits, tokenizer, model, cfg.method_config, label_names)

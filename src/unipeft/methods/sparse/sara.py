@@ -1,7 +1,7 @@
 """SaRA: train the "temporarily ineffective" small-magnitude weights of each target matrix in place.
 
 Per target matrix W, the entries with |W| below the `ratio` quantile are selected; only their
-values train (a sparse delta with a sparse-only backward, see _sparse.py). A nuclear-norm
+values train (a sparse delta with a sparse-only backward, see base.py). A nuclear-norm
 penalty on the sparse update keeps it low-rank, and at the fractions of the run listed in
 `schedule` the selection is made again from the current weights W + dW (progressive
 parameter adjustment): the values trained so far stay applied (frozen) and the newly selected
@@ -9,17 +9,17 @@ entries train from zero.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig
-from ..core.errors import ConfigError
-from ..core.registry import Capabilities, register
-from ..train.callbacks import TrainContext, TrainerCallback
-from ._sparse import (SPARSE_LAYERS, SparseDelta, check_fractions, check_ratio, count_for, load_selection_state,
+from ...core.config import AdapterConfig
+from ...core.fields import increasing_fractions, non_negative, positive_int, unit_ratio
+from ...core.registry import Capabilities, register
+from ...core.hooks import TrainContext, TrainerCallback
+from .base import (SPARSE_LAYERS, SparseDelta, count_for, load_selection_state,
                       lowest_magnitude, selection_state, sparse_deltas, weight_2d)
 
 
@@ -37,19 +37,10 @@ class SaraConfig(AdapterConfig):
     peft_type = "SARA"
     not_in_peft = ()
 
-    ratio: float = 0.1
-    nuclear_weight: float = 1e-4
-    schedule: list[float] = field(default_factory=lambda: [0.5])
-    nuclear_every: int = 1
-
-    def validate(self) -> None:
-        super().validate()
-        check_ratio("SaraConfig", "ratio", self.ratio)
-        if not isinstance(self.nuclear_weight, (int, float)) or self.nuclear_weight < 0:
-            raise ConfigError(f"SaraConfig.nuclear_weight: expected a number >= 0, got {self.nuclear_weight!r}")
-        check_fractions("SaraConfig", "schedule", self.schedule)
-        if not isinstance(self.nuclear_every, int) or isinstance(self.nuclear_every, bool) or self.nuclear_every <= 0:
-            raise ConfigError(f"SaraConfig.nuclear_every: expected a positive integer, got {self.nuclear_every!r}")
+    ratio: float = unit_ratio(0.1, "ratio")
+    nuclear_weight: float = non_negative(1e-4)
+    schedule: list[float] = increasing_fractions([0.5])
+    nuclear_every: int = positive_int(1)
 
     def training_callbacks(self, model, adapter_name: str) -> list[TrainerCallback]:
         """The trainer calls these: nuclear-norm gradient before each step, re-selection on the schedule."""
@@ -61,10 +52,10 @@ class SaraDelta(SparseDelta):
 
     prefix = "sara"
 
-    def __init__(self, base: nn.Module, config: SaraConfig, path: str) -> None:
+    def __init__(self, base: nn.Module, config: SaraConfig, path: str, bank=None) -> None:
         w = weight_2d(base) if isinstance(base, SPARSE_LAYERS) else None
         k = count_for(config.ratio, w.numel()) if w is not None else 1
-        super().__init__(base, config, path, k, frozen_slots=k * len(config.schedule))
+        super().__init__(base, config, path, bank, k=k, frozen_slots=k * len(config.schedule))
 
     def reselect(self, round_index: int, optimizer=None) -> None:
         """Freeze the trained values, then select the smallest |W + dW| entries anew (values from zero)."""
@@ -143,4 +134,4 @@ class SaraCallback(TrainerCallback):
             load_selection_state(self._deltas(), state["selection"])
 
 
-register("sara", SaraConfig, Capabilities(mergeable=True, mixed_batch=True, layer_types=SPARSE_LAYERS))(SaraDelta)
+register("sara", SaraConfig, SaraDelta, Capabilities(mergeable=True, mixed_batch=True, layer_types=SPARSE_LAYERS))

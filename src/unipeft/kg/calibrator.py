@@ -5,6 +5,9 @@ the query's head-entity and relation embeddings (read from the frozen scorer, ne
 One affine map per (head, relation) row re-scales the scores of every candidate tail, so that
 sigmoid(out) is a calibrated truth degree that t-norms combine well and `1 - x` can negate.
 W and b start at zero: a fresh calibrator is the identity (plain CQD).
+
+Registered here, in kg/, because its base layer (ComplEx) is kg's: methods/ never imports kg/.
+`import unipeft` imports this module, so the method is in the registry like every other.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from ..core.config import AdapterConfig
 from ..core.delta import Delta
 from ..core.errors import TargetError
 from ..core.registry import Capabilities, register
-from ..kg.complex import ComplEx
+from .complex import ComplEx
 
 
 @dataclass
@@ -32,8 +35,8 @@ class CQDCalibratorDelta(Delta):
 
     kind = "output"
 
-    def __init__(self, base: nn.Module, config: CQDCalibratorConfig, path: str) -> None:
-        super().__init__(base, config, path)
+    def __init__(self, base: nn.Module, config: CQDCalibratorConfig, path: str, bank=None) -> None:
+        super().__init__(base, config, path, bank)
         if not isinstance(base, ComplEx):
             raise TargetError(f"cqd_calibrator needs a ComplEx scorer at '{path}', got {type(base).__name__}")
         dim = base.entity.shape[1] + base.relation.shape[1]
@@ -52,6 +55,6 @@ class CQDCalibratorDelta(Delta):
         return base_out * (1 + alpha) + beta
 
 
-register("cqd_calibrator", CQDCalibratorConfig,
+register("cqd_calibrator", CQDCalibratorConfig, CQDCalibratorDelta,
          Capabilities(mergeable=False, mixed_batch=True, layer_types=(ComplEx,)),
-         default_targets=lambda path, module: isinstance(module, ComplEx))(CQDCalibratorDelta)
+         default_targets=lambda path, module: isinstance(module, ComplEx))

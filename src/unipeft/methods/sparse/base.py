@@ -14,12 +14,12 @@ import zlib
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
+from ...core import layers
+from ...core.delta import Delta
+from ...core.errors import ConfigError, TargetError
 
-from ..core.delta import Delta
-from ..core.errors import ConfigError, TargetError
-
-SPARSE_LAYERS = (nn.Linear, Conv1D)
+# Layers whose weight is one (out, in) matrix; quantized bases are refused through the capability table.
+SPARSE_LAYERS = layers.MATRIX_LAYERS
 # Bound on (rows x selected entries) held at once by the chunked fallback of the backward.
 CHUNK_ELEMENTS = 1 << 22
 
@@ -122,15 +122,14 @@ class SparseMatmul(torch.autograd.Function):
 
 def require_matrix_layer(base: nn.Module, config, path: str) -> None:
     """TargetError unless `base` is a Linear or GPT-2 Conv1D (the layers whose weight is one matrix)."""
-    if not isinstance(base, SPARSE_LAYERS):
+    if not layers.is_matrix_layer(base):
         raise TargetError(f"{type(config).__name__}: module '{path}' is a {type(base).__name__}; supported: "
                           f"Linear and GPT-2 Conv1D layers")
 
 
 def weight_2d(base: nn.Module) -> torch.Tensor:
-    """The base weight as (out, in) (GPT-2's Conv1D stores it transposed)."""
-    w = base.weight
-    return w.T if isinstance(base, Conv1D) else w
+    """The base weight as (out, in) (core/layers.py knows each layer's storage)."""
+    return layers.dense_weight(base)
 
 
 def lowest_magnitude(w: torch.Tensor, k: int) -> torch.Tensor:
@@ -149,20 +148,6 @@ def path_seed(seed: int, path: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(path.encode())) % (2 ** 31)
 
 
-def check_ratio(cls: str, name: str, value: float) -> None:
-    """ConfigError unless 0 < value <= 1."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value <= 1.0:
-        raise ConfigError(f"{cls}.{name}: expected a number with 0 < {name} <= 1, got {value!r}")
-
-
-def check_fractions(cls: str, name: str, values) -> None:
-    """ConfigError unless `values` is a list of increasing fractions in (0, 1)."""
-    if not isinstance(values, list) or not all(isinstance(v, (int, float)) and 0.0 < v < 1.0 for v in values) \
-            or sorted(values) != values:
-        raise ConfigError(f"{cls}.{name}: expected an increasing list of fractions of the run in (0, 1), "
-                          f"e.g. [0.33, 0.66], got {values!r}")
-
-
 class SparseDelta(Delta):
     """Parallel additive sparse delta: out = base(x) + x @ dW^T with dW non-zero at `indices` only.
 
@@ -173,13 +158,12 @@ class SparseDelta(Delta):
     kind = "output"
     prefix = "sparse"  # on-disk key prefix: <path>.<prefix>_values, <path>.<prefix>_indices
 
-    def __init__(self, base: nn.Module, config, path: str, k: int, frozen_slots: int = 0,
-                 init_indices: torch.Tensor | None = None) -> None:
-        super().__init__(base, config, path)
+    def __init__(self, base: nn.Module, config, path: str, bank: nn.Module | None = None, *, k: int,
+                 frozen_slots: int = 0, init_indices: torch.Tensor | None = None) -> None:
+        super().__init__(base, config, path, bank)
         require_matrix_layer(base, config, path)
         w = weight_2d(base)
         self.out_features, self.in_features = w.shape
-        self.transposed = isinstance(base, Conv1D)
         if init_indices is None:
             init_indices = lowest_magnitude(w, k)
         self.values = nn.Parameter(torch.zeros(k, dtype=torch.float32, device=w.device))
@@ -235,8 +219,7 @@ class SparseDelta(Delta):
         return flat.view(self.out_features, self.in_features)
 
     def delta_weight(self) -> dict[str, torch.Tensor]:
-        d = self.dense_delta()
-        return {"weight": d.T if self.transposed else d}
+        return {"weight": layers.to_param_layout(self.base, self.dense_delta())}
 
     def saved_key(self, key: str) -> str:
         return f"{self.prefix}_{key}"
@@ -277,8 +260,7 @@ class SparseDelta(Delta):
 
 def sparse_deltas(model, adapter_name: str, cls: type = SparseDelta) -> list:
     """The deltas of `adapter_name` (of class `cls`) at every site of `model`."""
-    return [s.deltas[adapter_name] for s in model.sites()
-            if adapter_name in s.deltas and isinstance(s.deltas[adapter_name], cls)]
+    return [d for d in model.deltas(adapter_name) if isinstance(d, cls)]
 
 
 def reset_optimizer_state(optimizer, params) -> None:

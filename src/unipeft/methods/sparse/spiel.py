@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig
-from ..core.errors import ConfigError
-from ..core.registry import Capabilities, register
-from ..train.callbacks import TrainContext, TrainerCallback
-from ._sparse import (CHUNK_ELEMENTS, SPARSE_LAYERS, SparseDelta, check_ratio, count_for, load_selection_state,
+from ...core.config import AdapterConfig
+from ...core.fields import positive_int, unit_ratio
+from ...core.registry import Capabilities, register
+from ...core.hooks import TrainContext, TrainerCallback
+from .base import (CHUNK_ELEMENTS, SPARSE_LAYERS, SparseDelta, count_for, load_selection_state,
                       path_seed, selection_state, sparse_deltas, weight_2d)
 
 
@@ -29,19 +29,11 @@ class SpielConfig(AdapterConfig):
 
     peft_type = "SPIEL"
 
-    density: float = 0.01
-    update_every: int = 20
-    drop_fraction: float = 0.2
-    updates_until: float = 0.75
+    density: float = unit_ratio(0.01, "density")
+    update_every: int = positive_int(20)
+    drop_fraction: float = unit_ratio(0.2, "drop_fraction")
+    updates_until: float = unit_ratio(0.75, "updates_until")
     seed: int = 0
-
-    def validate(self) -> None:
-        super().validate()
-        check_ratio("SpielConfig", "density", self.density)
-        check_ratio("SpielConfig", "drop_fraction", self.drop_fraction)
-        check_ratio("SpielConfig", "updates_until", self.updates_until)
-        if not isinstance(self.update_every, int) or self.update_every <= 0:
-            raise ConfigError(f"SpielConfig.update_every: expected a positive integer, got {self.update_every!r}")
 
     def training_callbacks(self, model, adapter_name: str) -> list[TrainerCallback]:
         """Prune-and-regrow on the update steps."""
@@ -53,12 +45,12 @@ class SpielDelta(SparseDelta):
 
     prefix = "spiel"
 
-    def __init__(self, base: nn.Module, config: SpielConfig, path: str) -> None:
+    def __init__(self, base: nn.Module, config: SpielConfig, path: str, bank=None) -> None:
         w = weight_2d(base) if isinstance(base, SPARSE_LAYERS) else torch.zeros(1, 1)
         k = count_for(config.density, w.numel())
         g = torch.Generator().manual_seed(path_seed(config.seed, path))
         init = torch.randperm(w.numel(), generator=g)[:k]
-        super().__init__(base, config, path, k, init_indices=init)
+        super().__init__(base, config, path, bank, k=k, init_indices=init)
         self.candidates: tuple[torch.Tensor, torch.Tensor] | None = None  # (scores, flat) of this step
 
     def probe(self, n: int) -> None:
@@ -155,4 +147,4 @@ class SpielCallback(TrainerCallback):
             load_selection_state(sparse_deltas(self.model, self.name, SpielDelta), state["selection"])
 
 
-register("spiel", SpielConfig, Capabilities(mergeable=True, mixed_batch=True, layer_types=SPARSE_LAYERS))(SpielDelta)
+register("spiel", SpielConfig, SpielDelta, Capabilities(mergeable=True, mixed_batch=True, layer_types=SPARSE_LAYERS))

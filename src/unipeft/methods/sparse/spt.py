@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig
-from ..core.errors import ConfigError
-from ..core.registry import Capabilities, register
-from ..core.targets import name_matches, pattern_key, select_targets
-from ._sparse import SPARSE_LAYERS, SparseDelta, check_ratio, count_for, weight_2d
-from .lora import LoraConfig, LoraDelta
+from ...core import layers
+from ...core.config import AdapterConfig
+from ...core.errors import ConfigError
+from ...core.fields import positive_int, unit_ratio
+from ...core.registry import Capabilities, register
+from ...core.targets import name_matches, pattern_key, select_targets
+from .base import SPARSE_LAYERS, SparseDelta, count_for, weight_2d
+from ..lora import LoraConfig, LoraDelta
 
 
 @dataclass
@@ -30,8 +32,8 @@ class SptConfig(AdapterConfig):
 
     peft_type = "SPT"
 
-    budget: float = 0.01
-    lora_r: int = 4
+    budget: float = unit_ratio(0.01, "budget")
+    lora_r: int = positive_int(4)  # the fallback LoRA's rank and alpha (checked again by LoraConfig)
     lora_alpha: float = 8.0
     lora_threshold: int | None = None  # None: a matrix's LoRA parameter count r * (in + out)
     allocation: dict[str, int] = field(default_factory=dict)  # module -> selected entries (from spt_adapt)
@@ -39,9 +41,7 @@ class SptConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        check_ratio("SptConfig", "budget", self.budget)
-        if not isinstance(self.lora_r, int) or self.lora_r <= 0:
-            raise ConfigError(f"SptConfig.lora_r: expected a positive integer, got {self.lora_r!r}")
+        self.lora_config()  # the fallback LoRA's fields are LoRA's rules, declared there
         bad = {k: v for k, v in self.allocation.items() if not isinstance(v, int) or v <= 0}
         if bad:
             raise ConfigError(f"SptConfig.allocation: entry counts must be positive integers, got {bad!r}")
@@ -60,7 +60,7 @@ class SptSparse(SparseDelta):
 
     prefix = "spt"
 
-    def __init__(self, base: nn.Module, config: SptConfig, path: str) -> None:
+    def __init__(self, base: nn.Module, config: SptConfig, path: str, bank=None) -> None:
         w = weight_2d(base) if isinstance(base, SPARSE_LAYERS) else torch.zeros(1, 1)
         key = pattern_key(config.allocation, path)
         k = config.allocation[key] if key else count_for(config.budget, w.numel())
@@ -68,17 +68,17 @@ class SptSparse(SparseDelta):
             raise ConfigError(f"SptConfig.allocation['{key}']={k} exceeds the {w.numel()} entries of '{path}'")
         # Placeholder order (largest |W|) until spt_adapt sets the sensitive entries or a file is loaded.
         init = torch.topk(w.detach().abs().flatten(), k).indices
-        super().__init__(base, config, path, k, init_indices=init)
+        super().__init__(base, config, path, bank, k=k, init_indices=init)
 
 
 class SptDelta(SptSparse):
     """Registered class: LoRA on `lora_modules`, the sparse delta elsewhere."""
 
     @classmethod
-    def create(cls, base: nn.Module, config: SptConfig, path: str):
+    def create(cls, base: nn.Module, config: SptConfig, path: str, bank=None, calibration=None):
         if config.lora_modules and name_matches(path, config.lora_modules):
             return LoraDelta.create(base, config.lora_config(), path)
-        return SptSparse(base, config, path)
+        return SptSparse(base, config, path, bank)
 
 
 def sensitivity(base: nn.Module, paths: list[str], batches: Iterable, loss_fn: Callable) -> dict[str, torch.Tensor]:
@@ -96,7 +96,7 @@ def sensitivity(base: nn.Module, paths: list[str], batches: Iterable, loss_fn: C
             loss = loss_fn(base, batch)
             grads = torch.autograd.grad(loss, list(weights.values()))
             for path, g in zip(weights, grads):
-                g2 = g.T if not isinstance(modules[path], nn.Linear) else g
+                g2 = layers.to_param_layout(modules[path], g)  # (out, in): the transpose is its own inverse
                 scores[path] += g2.detach().float() ** 2
     finally:
         for n, p in base.named_parameters():
@@ -107,7 +107,7 @@ def sensitivity(base: nn.Module, paths: list[str], batches: Iterable, loss_fn: C
 def spt_adapt(base: nn.Module, config: SptConfig, batches: Iterable, loss_fn: Callable,
               adapter_name: str = "default"):
     """Adapt `base` with SPT: sensitivity on `batches` (loss_fn(model, batch) -> scalar), allocate, select."""
-    from ..core.model import adapt
+    from ...core.model import adapt
 
     targets = select_targets(base, config, SPARSE_LAYERS)
     paths = [p for p, _ in targets]
@@ -136,11 +136,11 @@ def spt_adapt(base: nn.Module, config: SptConfig, batches: Iterable, loss_fn: Ca
         raise ConfigError("spt_adapt: the budget selects no weight; raise SptConfig.budget")
     cfg = config.replace(target_modules=[*allocation, *lora], allocation=allocation, lora_modules=lora)
     model = adapt(base, cfg, adapter_name)
-    for site in model.sites():
-        d = site.deltas[adapter_name] if adapter_name in site.deltas else None
+    for d in model.deltas(adapter_name):
         if isinstance(d, SptSparse):
-            d.set_selection(chosen[site.path])
+            d.set_selection(chosen[d.path])
     return model
 
 
-register("spt", SptConfig, Capabilities(mergeable=True, mixed_batch=True, layer_types=SPARSE_LAYERS))(SptDelta)
+register("spt", SptConfig, SptDelta, Capabilities(mergeable=True, mixed_batch=True, layer_types=SPARSE_LAYERS),
+         exports=(spt_adapt,))

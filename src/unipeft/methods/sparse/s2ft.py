@@ -14,12 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig
-from ..core.delta import Delta
-from ..core.errors import ConfigError, TargetError
-from ..core.registry import Capabilities, register
-from ..core.targets import name_matches
-from ._sparse import SPARSE_LAYERS, check_ratio, path_seed, require_matrix_layer, weight_2d
+from ...core import layers
+from ...core.config import AdapterConfig
+from ...core.delta import Delta
+from ...core.errors import ConfigError, TargetError
+from ...core.fields import positive_int, unit_ratio
+from ...core.registry import Capabilities, register
+from ...core.targets import name_matches
+from .base import SPARSE_LAYERS, path_seed, require_matrix_layer, weight_2d
 
 
 @dataclass
@@ -28,14 +30,13 @@ class S2ftConfig(AdapterConfig):
 
     peft_type = "S2FT"
 
-    ratio: float = 0.1
+    ratio: float = unit_ratio(0.1, "ratio")
     head_modules: list[str] | None = None
-    head_dim: int | None = None
+    head_dim: int | None = positive_int(None, optional=True)
     seed: int = 0
 
     def validate(self) -> None:
         super().validate()
-        check_ratio("S2ftConfig", "ratio", self.ratio)
         if self.head_modules and (not isinstance(self.head_dim, int) or self.head_dim <= 0):
             raise ConfigError(f"S2ftConfig.head_dim: head_modules={self.head_modules!r} are split into heads, so "
                               f"head_dim must be a positive integer (e.g. 32 for MiniLM), got {self.head_dim!r}")
@@ -61,11 +62,10 @@ class S2ftDelta(Delta):
 
     kind = "output"
 
-    def __init__(self, base: nn.Module, config: S2ftConfig, path: str) -> None:
-        super().__init__(base, config, path)
+    def __init__(self, base: nn.Module, config: S2ftConfig, path: str, bank=None) -> None:
+        super().__init__(base, config, path, bank)
         require_matrix_layer(base, config, path)
         w = weight_2d(base)
-        self.transposed = not isinstance(base, nn.Linear)
         channels = select_channels(w.shape[1], config, path).to(w.device)
         self.register_buffer("channels", channels)
         self.weight = nn.Parameter(torch.zeros(w.shape[0], channels.numel(), dtype=torch.float32, device=w.device))
@@ -76,13 +76,12 @@ class S2ftDelta(Delta):
         return base_out + F.linear(h, self.weight).to(base_out.dtype)
 
     def delta_weight(self) -> dict[str, torch.Tensor]:
-        d = torch.zeros(self.weight.shape[0], self.base.weight.numel() // self.weight.shape[0],
-                        dtype=self.weight.dtype, device=self.weight.device)
-        d = d.index_copy(1, self.channels, self.weight)
-        return {"weight": d.T if self.transposed else d}
+        geo = layers.geometry(self.base)
+        d = torch.zeros(geo.out_features, geo.in_features, dtype=self.weight.dtype, device=self.weight.device)
+        return {"weight": layers.to_param_layout(self.base, d.index_copy(1, self.channels, self.weight))}
 
     def saved_key(self, key: str) -> str:
         return f"s2ft_{key}"
 
 
-register("s2ft", S2ftConfig, Capabilities(mergeable=True, mixed_batch=True, layer_types=SPARSE_LAYERS))(S2ftDelta)
+register("s2ft", S2ftConfig, S2ftDelta, Capabilities(mergeable=True, mixed_batch=True, layer_types=SPARSE_LAYERS))

@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import AdapterConfig
-from ..core.delta import Delta
-from ..core.errors import ConfigError
-from ..core.registry import Capabilities, register
-from ..core.targets import layer_index
-from ..train.callbacks import TrainContext, TrainerCallback
-from ._sparse import SPARSE_LAYERS, require_matrix_layer, reset_optimizer_state, weight_2d
+from ...core import layers
+from ...core.config import AdapterConfig
+from ...core.delta import Delta
+from ...core.fields import positive_int
+from ...core.registry import Capabilities, register
+from ...core.targets import layer_index
+from ...core.hooks import TrainContext, TrainerCallback
+from .base import SPARSE_LAYERS, require_matrix_layer, reset_optimizer_state, weight_2d
 
 
 class DenseDelta(Delta):
@@ -27,11 +28,10 @@ class DenseDelta(Delta):
     kind = "output"
     prefix = "dense"
 
-    def __init__(self, base: nn.Module, config, path: str) -> None:
-        super().__init__(base, config, path)
+    def __init__(self, base: nn.Module, config, path: str, bank=None) -> None:
+        super().__init__(base, config, path, bank)
         require_matrix_layer(base, config, path)
         w = weight_2d(base)
-        self.transposed = not isinstance(base, nn.Linear)
         self.weight = nn.Parameter(torch.zeros(w.shape, dtype=torch.float32, device=w.device))
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
@@ -39,15 +39,10 @@ class DenseDelta(Delta):
         return base_out + F.linear(h, self.weight).to(base_out.dtype)
 
     def delta_weight(self) -> dict[str, torch.Tensor]:
-        return {"weight": self.weight.T if self.transposed else self.weight}
+        return {"weight": layers.to_param_layout(self.base, self.weight)}
 
     def saved_key(self, key: str) -> str:
         return f"{self.prefix}_{key}"
-
-
-def _check_positive_int(cls: str, name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{cls}.{name}: expected a positive integer, got {value!r}")
 
 
 def layer_groups(deltas: list[Delta], layers_pattern) -> dict[int | None, list[Delta]]:
@@ -67,8 +62,7 @@ class _PeriodicSelection(TrainerCallback):
 
     def deltas(self) -> list[Delta]:
         """This adapter's deltas of the method's class, in site order."""
-        return [s.deltas[self.name] for s in self.model.sites()
-                if self.name in s.deltas and isinstance(s.deltas[self.name], self.cls)]
+        return [d for d in self.model.deltas(self.name) if isinstance(d, self.cls)]
 
     def choose(self, deltas: list[Delta], period: int) -> set[str]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -106,14 +100,9 @@ class LisaConfig(AdapterConfig):
 
     peft_type = "LISA"
 
-    n_layers: int = 2
-    interval: int = 20
+    n_layers: int = positive_int(2)
+    interval: int = positive_int(20)
     seed: int = 0
-
-    def validate(self) -> None:
-        super().validate()
-        _check_positive_int("LisaConfig", "n_layers", self.n_layers)
-        _check_positive_int("LisaConfig", "interval", self.interval)
 
     def training_callbacks(self, model, adapter_name: str) -> list[TrainerCallback]:
         """Layer sampling at the start of every period."""
@@ -143,12 +132,8 @@ class HftConfig(AdapterConfig):
 
     peft_type = "HFT"
 
-    interval: int = 50
+    interval: int = positive_int(50)
     seed: int = 0
-
-    def validate(self) -> None:
-        super().validate()
-        _check_positive_int("HftConfig", "interval", self.interval)
 
     def training_callbacks(self, model, adapter_name: str) -> list[TrainerCallback]:
         """Re-draws the trained half at the start of every round."""
@@ -175,5 +160,5 @@ class HftCallback(_PeriodicSelection):
 
 
 _CAPS = Capabilities(mergeable=True, mixed_batch=True, layer_types=SPARSE_LAYERS)
-register("lisa", LisaConfig, _CAPS)(LisaDelta)
-register("hft", HftConfig, _CAPS)(HftDelta)
+register("lisa", LisaConfig, LisaDelta, _CAPS)
+register("hft", HftConfig, HftDelta, _CAPS)

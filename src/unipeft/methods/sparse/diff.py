@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig
-from ..core.errors import ConfigError
-from ..core.registry import Capabilities, register
-from ..train.callbacks import TrainContext, TrainerCallback
-from ._sparse import SPARSE_LAYERS, SparseDelta, check_ratio, count_for, reset_optimizer_state, weight_2d
+from ...core.config import AdapterConfig
+from ...core.fields import choice, fraction, non_negative, unit_ratio
+from ...core.registry import Capabilities, register
+from ...core.hooks import TrainContext, TrainerCallback
+from .base import SPARSE_LAYERS, SparseDelta, count_for, reset_optimizer_state, weight_2d
 from .selective import DenseDelta
 
 _PHASES = ("dense", "sparse")
@@ -29,21 +29,10 @@ class DiffPruningConfig(AdapterConfig):
 
     peft_type = "DIFF_PRUNING"
 
-    density: float = 0.01
-    l1_weight: float = 1e-5
-    prune_at: float = 0.5
-    phase: str = "dense"
-
-    def validate(self) -> None:
-        super().validate()
-        check_ratio("DiffPruningConfig", "density", self.density)
-        if not 0.0 <= self.prune_at < 1.0:
-            raise ConfigError(f"DiffPruningConfig.prune_at: expected a fraction of the run in [0, 1), "
-                              f"got {self.prune_at!r}")
-        if not isinstance(self.l1_weight, (int, float)) or self.l1_weight < 0:
-            raise ConfigError(f"DiffPruningConfig.l1_weight: expected a number >= 0, got {self.l1_weight!r}")
-        if self.phase not in _PHASES:
-            raise ConfigError(f"DiffPruningConfig.phase: expected one of {_PHASES}, got {self.phase!r}")
+    density: float = unit_ratio(0.01, "density")
+    l1_weight: float = non_negative(1e-5)
+    prune_at: float = fraction(0.5, "a fraction of the run in [0, 1)")
+    phase: str = choice("dense", _PHASES)
 
     def training_callbacks(self, model, adapter_name: str) -> list[TrainerCallback]:
         """L1 gradient during the dense phase; pruning at `prune_at`."""
@@ -61,22 +50,22 @@ class DiffSparse(SparseDelta):
 
     prefix = "diff"
 
-    def __init__(self, base: nn.Module, config: DiffPruningConfig, path: str,
+    def __init__(self, base: nn.Module, config: DiffPruningConfig, path: str, bank=None,
                  init_indices: torch.Tensor | None = None) -> None:
         w = weight_2d(base) if isinstance(base, SPARSE_LAYERS) else torch.zeros(1, 1)
         if init_indices is None:  # a placeholder until values/indices are loaded or pruned into it
             init_indices = torch.arange(count_for(config.density, w.numel()))
-        super().__init__(base, config, path, init_indices.numel(), init_indices=init_indices)
+        super().__init__(base, config, path, bank, k=init_indices.numel(), init_indices=init_indices)
 
 
 class DiffPruningDelta(DiffDense):
     """Registered class: builds the delta of the config's phase."""
 
     @classmethod
-    def create(cls, base: nn.Module, config: DiffPruningConfig, path: str):
+    def create(cls, base: nn.Module, config: DiffPruningConfig, path: str, bank=None, calibration=None):
         if config.phase == "sparse":
-            return DiffSparse(base, config, path)
-        return DiffDense(base, config, path)
+            return DiffSparse(base, config, path, bank)
+        return DiffDense(base, config, path, bank)
 
 
 def prune(model, adapter_name: str, optimizer=None) -> int:
@@ -84,44 +73,42 @@ def prune(model, adapter_name: str, optimizer=None) -> int:
     config = model.peft_config[adapter_name]
     if config.phase == "sparse":
         return 0
-    sites = [s for s in model.sites() if isinstance(s.deltas[adapter_name] if adapter_name in s.deltas else None,
-                                                    DiffDense)]
-    if any(adapter_name in s.merged for s in sites):
-        raise ConfigError(f"adapter '{adapter_name}' is merged; unmerge() before pruning it")
-    built = []
-    for site in sites:  # build everything first: a failure leaves the model unchanged
-        old = site.deltas[adapter_name]
+    built = {}
+    for old in model.deltas(adapter_name):  # build everything first: a failure leaves the model unchanged
+        if not isinstance(old, DiffDense):
+            continue
         d = old.weight.detach()
         k = count_for(config.density, d.numel())
         flat = torch.topk(d.abs().flatten(), k).indices
-        new = DiffSparse(site.base_layer, config, site.path, init_indices=flat)
+        new = DiffSparse(old.base, config, old.path, init_indices=flat)
         with torch.no_grad():
             new.values.copy_(d.flatten()[new.indices])
-        built.append((site, old, new))
-    trainable = any(p.requires_grad for _, old, _ in built for p in old.parameters())
-    for site, old, new in built:
-        new.requires_grad_(trainable)
-        site.deltas[adapter_name] = new
-        if optimizer is not None:
-            reset_optimizer_state(optimizer, [old.weight])
-            for group in optimizer.param_groups:
-                group["params"] = [new.values if p is old.weight else p for p in group["params"]]
-    config.phase = "sparse"
-    model._ctx.version += 1  # sites re-resolve their deltas
-    return sum(new.values.numel() for _, _, new in built)
+        built[old.path] = (old, new)
+    olds = model.replace_deltas(adapter_name, {path: new for path, (_, new) in built.items()},
+                                config=config.replace(phase="sparse"))
+    if optimizer is not None:
+        swap = {id(olds[path].weight): new.values for path, (_, new) in built.items()}
+        reset_optimizer_state(optimizer, [old.weight for old, _ in built.values()])
+        for group in optimizer.param_groups:
+            group["params"] = [swap.get(id(p), p) for p in group["params"]]
+    return sum(new.values.numel() for _, new in built.values())
 
 
 class DiffPruningCallback(TrainerCallback):
     """L1 gradient on the dense diff before each step; prune after step round(prune_at * max_steps)."""
 
     def __init__(self, model, adapter_name: str, config: DiffPruningConfig) -> None:
-        self.model, self.name, self.config = model, adapter_name, config
+        self.model, self.name = model, adapter_name
+
+    @property
+    def config(self) -> DiffPruningConfig:
+        """The adapter's current config (pruning replaces it by the "sparse" phase)."""
+        return self.model.peft_config[self.name]
 
     def on_before_optimizer_step(self, ctx: TrainContext) -> None:
         if self.config.phase != "dense" or self.config.l1_weight <= 0:
             return
-        for s in self.model.sites():
-            d = s.deltas[self.name] if self.name in s.deltas else None
+        for d in self.model.deltas(self.name):
             if isinstance(d, DiffDense) and d.weight.grad is not None:
                 d.weight.grad.add_(torch.sign(d.weight.detach()), alpha=self.config.l1_weight)
 
@@ -134,5 +121,5 @@ class DiffPruningCallback(TrainerCallback):
             prune(self.model, self.name, ctx.optimizer)
 
 
-register("diff_pruning", DiffPruningConfig,
-         Capabilities(mergeable=True, mixed_batch=True, layer_types=SPARSE_LAYERS))(DiffPruningDelta)
+register("diff_pruning", DiffPruningConfig, DiffPruningDelta,
+         Capabilities(mergeable=True, mixed_batch=True, layer_types=SPARSE_LAYERS))

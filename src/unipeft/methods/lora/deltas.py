@@ -1,0 +1,143 @@
+"""LoRA's layer deltas: Linear / GPT-2 Conv1D / quantized linears, Embedding, Conv1d/2d.
+
+Geometry (in/out features, transposed storage, dequantized weights) comes from core/layers.py;
+the computation of linear deltas from the config's variant (variants.py); the initial A and B
+(and an optional base-weight edit) from the init registry (inits.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...core import layers
+from ...core.delta import Delta
+from ...core.errors import TargetError
+from .config import LoraConfig
+from .inits import InitContext, get_init
+from .variants import VARIANTS
+
+
+class LoraDelta(Delta):
+    """Shared LoRA state: rank, scaling, dropout; `create` picks the layer-specific class."""
+
+    def __init__(self, base: nn.Module, config: LoraConfig, path: str, bank=None) -> None:
+        super().__init__(base, config, path, bank)
+        self.r, _ = config.rank_and_alpha(path)
+        self.scaling = config.scaling(path)
+        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self._base_edit: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def create(cls, base: nn.Module, config: LoraConfig, path: str, bank=None, calibration=None) -> Delta:
+        geo = layers.geometry(base) if isinstance(base, LAYERS) else None
+        if geo is None:
+            raise TargetError(f"LoRA does not support '{path}' of type {type(base).__name__}")
+        if geo.is_matrix:
+            return LoraLinear(base, config, path, bank, calibration)
+        if config.use_dora:
+            what = "an Embedding" if geo.kind == "embedding" else f"a {type(base).__name__}"
+            raise TargetError(f"LoraConfig.use_dora: DoRA is supported on Linear layers only, '{path}' is {what}")
+        if geo.kind == "embedding":
+            return LoraEmbedding(base, config, path, bank)
+        return LoraConv(base, config, path, bank, calibration)
+
+    def init_pair(self, config: LoraConfig, a: torch.Tensor, b: torch.Tensor, calibration) -> None:
+        """Fill A and B (in place) by the config's registered init; keep any base edit it returns."""
+        ctx = InitContext(layers.dense_weight(self.base).detach(), self.r, tuple(a.shape), tuple(b.shape),
+                          self.path, config, calibration)
+        result = get_init(config.init).fn(ctx)
+        with torch.no_grad():
+            a.copy_(result.a.reshape(a.shape))
+            b.copy_(result.b.reshape(b.shape))
+        if result.base_weight is not None:
+            self._base_edit = {"weight": layers.to_param_layout(self.base, result.base_weight)}
+
+    def base_edits(self) -> dict[str, torch.Tensor]:
+        return dict(self._base_edit)
+
+
+class LoraLinear(LoraDelta):
+    """LoRA on a matrix layer (nn.Linear, GPT-2's transposed Conv1D, bitsandbytes 4/8-bit linears)."""
+
+    def __init__(self, base: nn.Module, config: LoraConfig, path: str, bank=None, calibration=None) -> None:
+        super().__init__(base, config, path, bank)
+        geo = layers.geometry(base)
+        self.lora_A = nn.Linear(geo.in_features, self.r, bias=False)
+        self.lora_B = nn.Linear(self.r, geo.out_features, bias=False)
+        self.init_pair(config, self.lora_A.weight, self.lora_B.weight, calibration)
+        self.variant = VARIANTS[config.variant]
+        self.weight_dependent = self.variant.weight_dependent
+        self.variant.setup(self)
+
+    def lora_weight(self) -> torch.Tensor:
+        """B @ A, (out, in)."""
+        return self.lora_B.weight @ self.lora_A.weight
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        return self.variant.forward(self, x, base_out)
+
+    @classmethod
+    def forward_grouped(cls, deltas, x, base_out, row_group):
+        """Plain LoRA of equal rank in every group: two batched matmuls with per-row A and B."""
+        live = [d for d in deltas if d is not None]
+        r = live[0].r
+        if any(not d.variant.groupable or d.r != r or (d.training and not isinstance(d.lora_dropout, nn.Identity))
+               for d in live) or x.dtype != live[0].lora_A.weight.dtype:
+            return None
+        a0, b0 = live[0].lora_A.weight, live[0].lora_B.weight
+        a = torch.stack([torch.zeros_like(a0) if d is None else d.lora_A.weight for d in deltas])
+        b = torch.stack([torch.zeros_like(b0) if d is None else d.lora_B.weight * d.scaling for d in deltas])
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+        h = torch.bmm(x3, a[row_group].transpose(1, 2))
+        y = torch.bmm(h, b[row_group].transpose(1, 2)).reshape(base_out.shape)
+        return base_out + y.to(base_out.dtype)
+
+    def delta_weight(self) -> dict[str, torch.Tensor]:
+        return {"weight": layers.to_param_layout(self.base, self.variant.delta_weight(self))}
+
+
+class LoraEmbedding(LoraDelta):
+    """LoRA on nn.Embedding: A (r x vocab) is looked up, B (dim x r) projects; A starts at zero."""
+
+    def __init__(self, base: nn.Embedding, config: LoraConfig, path: str, bank=None) -> None:
+        super().__init__(base, config, path, bank)
+        self.lora_embedding_A = nn.Parameter(torch.zeros(self.r, base.num_embeddings))
+        # As nn.Embedding initialises its weight, whatever `init` says (PEFT does the same).
+        self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, self.r))
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        b = self.base
+        after_a = F.embedding(x, self.lora_embedding_A.T, b.padding_idx, b.max_norm, b.norm_type,
+                              b.scale_grad_by_freq, b.sparse)
+        return base_out + (after_a @ self.lora_embedding_B.T * self.scaling).to(base_out.dtype)
+
+    def delta_weight(self) -> dict[str, torch.Tensor]:
+        return {"weight": (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling}
+
+
+class LoraConv(LoraDelta):
+    """LoRA on Conv1d/Conv2d: A has the base kernel (in -> r), B is a 1x1 conv (r -> out)."""
+
+    def __init__(self, base: nn.Conv1d | nn.Conv2d, config: LoraConfig, path: str, bank=None,
+                 calibration=None) -> None:
+        super().__init__(base, config, path, bank)
+        if base.groups != 1:
+            raise TargetError(f"LoRA on '{path}': grouped convolutions (groups={base.groups}) are not supported")
+        conv = type(base)
+        self.lora_A = conv(base.in_channels, self.r, base.kernel_size, base.stride, base.padding,
+                           base.dilation, bias=False)
+        self.lora_B = conv(self.r, base.out_channels, 1, 1, bias=False)
+        self.init_pair(config, self.lora_A.weight, self.lora_B.weight, calibration)
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        h = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        return base_out + (self.lora_B(self.lora_A(h)) * self.scaling).to(base_out.dtype)
+
+    def delta_weight(self) -> dict[str, torch.Tensor]:
+        a = self.lora_A.weight.flatten(1)
+        b = self.lora_B.weight.flatten(1)
+        return {"weight": (b @ a).view(self.base.weight.shape) * self.scaling}
+
+
+LAYERS = layers.MATRIX_LAYERS + (nn.Embedding, nn.Conv1d, nn.Conv2d)

@@ -1,0 +1,92 @@
+"""LoRA variants as strategies: how a linear LoRA delta turns (A, B) into its output and its merged weight.
+
+A variant is stateless (one instance serves every delta); what it learns lives on the delta
+under PEFT's names (DoRA's `lora_magnitude_vector`). `LoraConfig.variant` names the one to use;
+adding a variant is a class and one `register_variant` call, not a flag in four methods.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...core import layers
+
+
+class Variant:
+    """Plain LoRA: out = base_out + scaling * B A dropout(x)."""
+
+    name: ClassVar[str] = "lora"
+    weight_dependent: ClassVar[bool] = False  # delta_weight reads the base weight
+    groupable: ClassVar[bool] = True  # mixed batches may batch it with the same variant
+
+    def setup(self, delta) -> None:
+        """Create the variant's own parameters on `delta` (after A and B exist)."""
+
+    def forward(self, delta, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """The site's new output."""
+        a, b = delta.lora_A.weight, delta.lora_B.weight
+        h = delta.lora_dropout(x if x.dtype == a.dtype else x.to(a.dtype))
+        if h.dtype == base_out.dtype:
+            # One fused op for "B-projection, scale, add": addmm(base, hA, B^T, alpha=scaling).
+            out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), F.linear(h, a).reshape(-1, delta.r),
+                              b.t(), alpha=delta.scaling)
+            return out.view(base_out.shape)
+        return base_out + (F.linear(F.linear(h, a), b) * delta.scaling).to(base_out.dtype)
+
+    def delta_weight(self, delta) -> torch.Tensor:
+        """The dense (out, in) change of the weight that merging adds."""
+        return delta.lora_weight() * delta.scaling
+
+
+class DoRA(Variant):
+    """DoRA (Liu et al. 2024): W' = m * (W + s BA) / ||W + s BA||_row, m trained (init: the row norms)."""
+
+    name = "dora"
+    weight_dependent = True
+    groupable = False
+
+    def setup(self, delta) -> None:
+        with torch.no_grad():
+            norm = self.weight_norm(delta, delta.lora_weight())
+        delta.lora_magnitude_vector = nn.Parameter(norm.clone())
+
+    @staticmethod
+    def weight_norm(delta, lora_weight: torch.Tensor) -> torch.Tensor:
+        """Row norms of W + scaling * BA."""
+        w = layers.dense_weight(delta.base).to(lora_weight.dtype)
+        return torch.linalg.norm(w + delta.scaling * lora_weight, dim=1)
+
+    def forward(self, delta, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        a, b = delta.lora_A.weight, delta.lora_B.weight
+        h = delta.lora_dropout(x if x.dtype == a.dtype else x.to(a.dtype))
+        lora_out = F.linear(F.linear(h, a), b)
+        # The norm is detached (DoRA paper, sec. 4.3), as PEFT does.
+        norm = self.weight_norm(delta, delta.lora_weight().detach()).detach()
+        scale = delta.lora_magnitude_vector / norm
+        if isinstance(delta.lora_dropout, nn.Identity) or not delta.training:
+            plain = base_out if delta.base.bias is None else base_out - delta.base.bias
+        else:
+            plain = F.linear(h, layers.dense_weight(delta.base).to(h.dtype))
+        return base_out + ((scale - 1) * plain + scale * lora_out * delta.scaling).to(base_out.dtype)
+
+    def delta_weight(self, delta) -> torch.Tensor:
+        lora_w = delta.lora_weight() * delta.scaling
+        w = layers.dense_weight(delta.base).to(lora_w.dtype)
+        scale = delta.lora_magnitude_vector / self.weight_norm(delta, delta.lora_weight())
+        return scale[:, None] * (w + lora_w) - w
+
+
+VARIANTS: dict[str, Variant] = {}
+
+
+def register_variant(variant: Variant) -> Variant:
+    """Make `LoraConfig.variant == variant.name` available."""
+    VARIANTS[variant.name] = variant
+    return variant
+
+
+register_variant(Variant())
+register_variant(DoRA())
