@@ -4,7 +4,7 @@ The method names exported here (each method's config class and its declared help
 `fuse` or `spt_adapt`) come from the registry: registering a method is all it takes to appear.
 """
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
-from .core import (AdaptedModel, AdapterConfig, AdapterLoadError, Capabilities, ConfigError, Delta, MergeError,
+from .core import (AdaptedModel, AdapterConfig, AdapterLoadError, Bank, Capabilities, ConfigError, Delta, MergeError,
                    TargetError, UnipeftError, adapt, capability_table, get_method, public_methods, register,
                    trainable_report)
 from .core.hooks import TrainingHooks
@@ -13,7 +13,7 @@ from .kg import calibrator as _calibrator  # noqa: F401  (registers CQD^A, whose
 
 __version__ = "0.1.0"
 
-__all__ = ["AdaptedModel", "AdapterConfig", "AdapterLoadError", "Capabilities", "ConfigError", "Delta",
+__all__ = ["AdaptedModel", "AdapterConfig", "AdapterLoadError", "Bank", "Capabilities", "ConfigError", "Delta",
            "MergeError", "TargetError", "TrainingHooks", "UnipeftError", "adapt", "capability_table", "get_method",
            "public_methods", "register", "trainable_report"]
 

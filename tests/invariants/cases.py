@@ -3,8 +3,9 @@
 Every registered public method is a case automatically (`all_cases()` reads the registry); its
 config is built by a generic factory: `target_modules` = the model's modules whose type is in
 the method's declared `capabilities.layer_types` (None when the method has `default_targets`),
-plus `OVERRIDES[method]` for fields a method requires. A method the factory cannot configure
-fails the suite with a message saying to add an override here; it is never skipped silently.
+plus the fields its config declares for an example (`example_fields`). Whether a fresh adapter
+is the identity is the delta class's declared `identity_at_init`. A method the factory cannot
+configure fails the suite with a message saying what to declare; it is never skipped silently.
 """
 from __future__ import annotations
 
@@ -172,22 +173,9 @@ def clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
 # ---- per-method configs -------------------------------------------------------------------
 Overrides = Callable[[str, list[str]], dict[str, Any]]
 
-# Fields a method needs beyond target_modules, given (model kind, candidate target paths).
-# A newly registered method whose config cannot be built from target_modules alone needs an
-# entry here (the suite fails and says so until it has one).
-OVERRIDES: dict[str, Overrides] = {
-    "lora": lambda kind, targets: {"r": 2, "alpha": 4},
-    # Every other target scales its input (feed-forward form), the rest their output.
-    "ia3": lambda kind, targets: {"feedforward_modules": targets[1::2]},
-    # SPT: every other target falls back to LoRA, so both of its delta forms are covered.
-    "spt": lambda kind, targets: {"lora_modules": targets[1::2], "lora_r": 2},
-}
-
-# Methods whose freshly created adapter is NOT the identity; every other method must be.
-# Prompt methods prepend virtual tokens / key-value prefixes, which change the output by design.
-NOT_IDENTITY_AT_INIT: set[str] = {"prompt_tuning", "p_tuning", "prefix_tuning", "dept"}
-# A fresh fusion adapter combines (placeholder) source adapters, which change the output.
-NOT_IDENTITY_AT_INIT |= {"fusion"}
+# Test-only extra fields by method name, on top of the config's declared `example_fields`
+# (for methods registered inside a test). Built-in methods declare theirs in their config.
+OVERRIDES: dict[str, Overrides] = {}
 
 
 @dataclass(frozen=True)
@@ -284,6 +272,7 @@ def make_config(case: Case, kind: str, targets: list[str] | None = None):
     else:
         target_modules = list(targets if targets is not None else candidates)
     kwargs: dict[str, Any] = {"target_modules": target_modules}
+    kwargs.update(spec.config_cls.example_fields(candidates))
     kwargs.update(OVERRIDES.get(case.method, lambda k, t: {})(kind, candidates))
     kwargs.update(case.overrides(kind, candidates))
     if case.needs_head:
@@ -292,7 +281,8 @@ def make_config(case: Case, kind: str, targets: list[str] | None = None):
         return spec.config_cls(**kwargs)
     except Exception as exc:  # noqa: BLE001 - any failure means the case table lacks an entry
         pytest.fail(f"cannot auto-configure method '{case.method}' ({case.id}) for the {kind} toy model: "
-                    f"{type(exc).__name__}: {exc}. Add a case for it in OVERRIDES in tests/invariants/cases.py",
+                    f"{type(exc).__name__}: {exc}. Add a case for it in OVERRIDES in tests/invariants/cases.py "
+                    f"(or declare example_fields on its config)",
                     pytrace=False)
 
 

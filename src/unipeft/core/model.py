@@ -24,7 +24,8 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 class AdaptedModel(nn.Module):
     """A frozen base model with named adapters injected at sites."""
 
-    def __init__(self, base_model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> None:
+    def __init__(self, base_model: nn.Module, config: AdapterConfig, adapter_name: str = "default",
+                 calibration=None) -> None:
         super().__init__()
         self.base_model = base_model
         # Each adapter's frozen, resolved config copy (the user's object is never stored or written).
@@ -40,7 +41,7 @@ class AdaptedModel(nn.Module):
         for p in base_model.parameters():
             p.requires_grad_(False)
         try:
-            self.add_adapter(adapter_name, config)
+            self.add_adapter(adapter_name, config, calibration)
         except Exception:
             self._restore_base_flags()
             raise
@@ -389,6 +390,8 @@ class AdaptedModel(nn.Module):
         return adapter_state_dict(self, adapter_name)
 
 
-def adapt(base_model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> AdaptedModel:
-    """Inject `config`'s method into `base_model` (in place) and return the AdaptedModel."""
-    return AdaptedModel(base_model, config, adapter_name)
+def adapt(base_model: nn.Module, config: AdapterConfig, adapter_name: str = "default",
+          calibration=None) -> AdaptedModel:
+    """Inject `config`'s method into `base_model` (in place) and return the AdaptedModel
+    (`calibration`: model inputs for data-aware inits, e.g. [{"input_ids": ...}, ...])."""
+    return AdaptedModel(base_model, config, adapter_name, calibration)

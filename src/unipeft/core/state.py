@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .bank import BANK_PREFIX, bank_state
 from .config import CONFIG_NAME, AdapterConfig
 from .delta import Delta
 from .errors import AdapterLoadError, ConfigError
@@ -18,7 +19,6 @@ from .targets import logical_modules
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = AdapterConfig.state_prefix
-BANK_PREFIX = "bank."  # an adapter's shared module (AdapterConfig.make_bank) lives at the file's root
 
 
 def _key_prefix(model, adapter_name: str, site, delta) -> str:
@@ -41,7 +41,7 @@ def adapter_state_dict(model, adapter_name: str) -> dict[str, torch.Tensor]:
         for key, value in delta.export_state().items():
             out[f"{prefix}{key}"] = value
     if adapter_name in model.banks:
-        out.update({f"{BANK_PREFIX}{k}": v for k, v in model.banks[adapter_name].state_dict().items()})
+        out.update(bank_state(model.banks[adapter_name]))
     return out
 
 

@@ -46,6 +46,11 @@ class SptConfig(AdapterConfig):
         if bad:
             raise ConfigError(f"SptConfig.allocation: entry counts must be positive integers, got {bad!r}")
 
+    @classmethod
+    def example_fields(cls, candidates: list[str]) -> dict:
+        """Every other target falls back to LoRA, so both of SPT's delta forms are exercised."""
+        return {"lora_modules": candidates[1::2], "lora_r": 2}
+
     def lora_config(self) -> LoraConfig:
         """The LoRA used on `lora_modules`."""
         return LoraConfig(r=self.lora_r, alpha=self.lora_alpha)
