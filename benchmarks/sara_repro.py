@@ -142,25 +142,23 @@ def probe_memory(name: str, steps: int, batch_size: int | None = None, checkpoin
     from unipeft.core.hooks import TrainingHooks
     from unipeft.train import load_config
     from unipeft.train.callbacks import method_param_groups
-    from unipeft.train.config import build_method_config
     from unipeft.train.evaluate import loss_terms, model_inputs
     from unipeft.train.models import load_base_model, load_tokenizer
     from unipeft.train.optim import build_optimizer
-    from unipeft.train.setup import RunParts, apply_method
+    from unipeft.train.setup import RunParts
 
     torch.set_num_threads(1)
     extra = ["--batch_size", str(batch_size)] if batch_size else []
     cfg = load_config(CONFIG, overrides(name, 0, None) + extra)
-    method_config = build_method_config(cfg.method)
     splits = load_data(cfg.task, cfg.data, cfg.data_seed)
     base = load_base_model(cfg.model, cfg.task, splits.label_names, cfg.seed)
-    parts = RunParts(cfg, splits, load_tokenizer(cfg.model.name), base, method_config, splits.label_names)
+    parts = RunParts(cfg, splits, load_tokenizer(cfg.model.name), base, cfg.method_config, splits.label_names)
     data = parts.encode("train")
     # The first batches the trainer itself takes (seed 0, length-grouped).
     order = epoch_batches(data.lengths, cfg.batch_size, cfg.seed, 0, cfg.data.group_by_length)[:steps]
     batches = [collate([data.rows[i] for i in idx], parts.pad_id) for idx in order]
     rss0 = reset_peak()  # base model and data loaded; nothing of the method exists yet
-    model = apply_method(base, cfg, method_config)  # adapter structures (e.g. SaRA's indices) count
+    model = cfg.strategy.apply(base)  # adapter structures (e.g. SaRA's indices) count
     if checkpointing:  # what the trainer's gradient_checkpointing option does
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = build_optimizer(model, cfg.optimizer, method_param_groups(model))

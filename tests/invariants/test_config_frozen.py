@@ -7,7 +7,7 @@ import pytest
 
 import unipeft as up
 
-from .cases import MODEL_KINDS, adapt_case, applicable, build_model, make_config, parametrize_cases
+from .cases import MODEL_KINDS, applicable, build_model, make_config, parametrize_cases
 
 
 def _kind(case):

@@ -12,7 +12,7 @@ from ..data.sources import load_data
 from ..data.splits import Splits
 from .config import RunConfig
 from .models import load_base_model, load_tokenizer
-from .strategy import MethodConfig, strategy_for
+from .strategy import MethodConfig
 
 
 @dataclass
@@ -35,13 +35,6 @@ class RunParts:
     def encode(self, split: str) -> EncodedSet:
         """The named split, tokenized."""
         return encode_split(self.tokenizer, self.splits.get(split), self.cfg.data.max_length)
-
-
-def apply_method(base: nn.Module, cfg: RunConfig, method_config: MethodConfig | None = None) -> nn.Module:
-    """Apply the run's method to `base` (`method_config`: another config to apply instead of cfg's own)."""
-    # Kept for scripts that build the pieces themselves (benchmarks/); the strategy does the work.
-    strategy = cfg.strategy if method_config is None else strategy_for(method_config, cfg.task)
-    return strategy.apply(base)
 
 
 def build_parts(cfg: RunConfig, splits: Splits | None = None) -> RunParts:
