@@ -76,16 +76,57 @@ def geometry(module: nn.Module) -> Geometry:
 
 
 # ---- reading --------------------------------------------------------------------------------
-def _dequantized(module: nn.Module) -> torch.Tensor:
+def _is_4bit(w) -> bool:
+    """True for a bitsandbytes Params4bit that has been quantized."""
+    return getattr(w, "quant_state", None) is not None
+
+
+def _packed(module: nn.Module) -> bool:
+    """True when the weight is stored quantized (not an 8-bit layer keeping fp16 weights)."""
+    return is_quantized(module) and not getattr(module.weight, "has_fp16_weights", False)
+
+
+def _int8_scales(module: nn.Module):
+    """The row absmax of an int8 weight (Linear8bitLt.forward moves it from weight.SCB to state.SCB)."""
+    scb = getattr(module.weight, "SCB", None)
+    if scb is None and getattr(module, "state", None) is not None:
+        scb = module.state.SCB
+    return scb
+
+
+def _unpack_cpu_format(data: torch.Tensor, qs):
+    """Copies in the standard layout of a weight that eval-mode CPU Linear4bit.forward repacked for AVX512-BF16."""
+    import copy
+
     import bitsandbytes.functional as bf
 
-    w = module.weight
-    if getattr(w, "quant_state", None) is not None:  # 4-bit: packed uint8 + quant state
-        return bf.dequantize_4bit(w.data, w.quant_state).to(torch.float32)
-    scb = getattr(w, "SCB", None)  # 8-bit: int8 rows + per-row absmax
-    if scb is None:
+    qs = copy.deepcopy(qs)
+    absmax = qs.absmax  # (in/blocksize, out) bf16 after the conversion: what the kernel uses
+    qs.original_nested = False  # keep that absmax rather than requantize it
+    data, qs = bf._convert_weight_packed_for_cpu_inverse(data, qs)
+    qs.absmax = absmax.T.reshape(-1).to(torch.float32).contiguous()
+    return data, qs
+
+
+def _dequantize(w: torch.Tensor, scb=None) -> torch.Tensor:
+    """The float32 (out, in) value of a 4-bit weight, or of an int8 weight with row scales `scb`."""
+    if _is_4bit(w):  # packed uint8 + quant state
+        import bitsandbytes.functional as bf
+
+        data, qs = w.data, w.quant_state
+        if getattr(qs, "packing_format_for_cpu", False):
+            data, qs = _unpack_cpu_format(data, qs)
+        return bf.dequantize_4bit(data, qs).to(torch.float32)
+    if w.dtype != torch.int8:  # an 8-bit layer keeping fp16 weights (quantized on the fly)
         return w.data.to(torch.float32)
-    return w.data.to(torch.float32) * (scb.to(torch.float32)[:, None] / 127.0)
+    # int8 rows * absmax / 127, in the order bitsandbytes' CPU/XPU matmul (MatMul8bitFp) computes it.
+    return w.data.to(torch.float32) * (scb.to(torch.float32)[:, None] * (1.0 / 127.0))
+
+
+def _dequantized(module: nn.Module) -> torch.Tensor:
+    """The float32 (out, in) value of a quantized layer's weight."""
+    w = module.weight
+    return _dequantize(w, _int8_scales(module) if w.dtype == torch.int8 else None)
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
@@ -115,20 +156,41 @@ def _quantize_like(module: nn.Module, value: torch.Tensor) -> nn.Parameter:
     import bitsandbytes as bnb
 
     old = module.weight
-    if getattr(old, "quant_state", None) is not None:
+    if _is_4bit(old):
         qs = old.quant_state
-        new = bnb.nn.Params4bit(value.to(torch.float32).contiguous(), requires_grad=False,
+        # Quantize from the dtype the weight was quantized from (eval-mode CPU packing sets
+        # qs.dtype to bfloat16 and keeps the original in qs.original_dtype).
+        dtype = qs.original_dtype if getattr(qs, "packing_format_for_cpu", False) else qs.dtype
+        new = bnb.nn.Params4bit(value.detach().to(dtype).contiguous(), requires_grad=False,
                                 quant_type=qs.quant_type, blocksize=qs.blocksize,
                                 compress_statistics=old.compress_statistics, quant_storage=old.quant_storage)
-        return new.to(old.device)
-    new = bnb.nn.Int8Params(value.to(torch.float32).contiguous(), requires_grad=False, has_fp16_weights=False)
+        return new.to(old.device)  # quantizes
+    # Int8Params quantizes on a move off the CPU (or to it), so build it there.
+    new = bnb.nn.Int8Params(value.detach().to("cpu", torch.float32).contiguous(), requires_grad=False,
+                            has_fp16_weights=False)
     return new.to(old.device)
+
+
+def _set_packed(module: nn.Module, weight: nn.Parameter, scb=None) -> None:
+    """Install a packed weight and keep the layer's cached quantization state consistent with it."""
+    module.weight = weight
+    if _is_4bit(weight):
+        if hasattr(module, "quant_state"):
+            module.quant_state = weight.quant_state
+        return
+    # Linear8bitLt.forward moves weight.CB/SCB into module.state once (when weight.CB is set) and
+    # then uses the state: give the weight its int8 rows and scales and clear the stale state.
+    weight.CB = weight.data
+    if scb is not None:
+        weight.SCB = scb
+    if getattr(module, "state", None) is not None:
+        module.state.reset_grads()
 
 
 def write_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
     """Set a base parameter to `value` (stored layout); quantized weights are requantized."""
-    if name == "weight" and is_quantized(module):
-        module.weight = _quantize_like(module, value)
+    if name == "weight" and _packed(module):
+        _set_packed(module, _quantize_like(module, value))
         return
     param = dict(module.named_parameters())[name]
     with torch.no_grad():
@@ -137,27 +199,28 @@ def write_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def requantization_error(module: nn.Module, value: torch.Tensor) -> float:
     """Largest |value - what write_param would store| (0 for unquantized layers)."""
-    if not is_quantized(module):
+    if not _packed(module):
         return 0.0
-    probe = type(module).__new__(type(module))
-    nn.Module.__init__(probe)
-    probe.weight = _quantize_like(module, value)
-    return float((_dequantized(probe) - value.to(torch.float32)).abs().max())
+    new = _quantize_like(module, value)
+    stored = _dequantize(new, new.SCB if new.dtype == torch.int8 else None)
+    return float((stored - value.detach().to(stored.device, torch.float32)).abs().max())
 
 
 def snapshot_param(module: nn.Module, name: str):
     """An exact copy of a base parameter (the packed tensor and its quantization state when quantized)."""
     param = dict(module.named_parameters())[name]
-    if name == "weight" and is_quantized(module):
-        return ("packed", param)  # write_param replaces the Parameter object, so keeping it is a copy
-    return ("dense", param.detach().clone())
+    if name == "weight" and _packed(module):
+        # write_param replaces the Parameter object (never writes into it), so keeping it is a copy;
+        # int8 scales are kept apart since Linear8bitLt.forward moves them off the weight.
+        return ("packed", param, _int8_scales(module) if param.dtype == torch.int8 else None)
+    return ("dense", param.detach().clone(), None)
 
 
 def restore_param(module: nn.Module, name: str, snap) -> None:
     """Put back what snapshot_param() saved, bit for bit."""
-    how, saved = snap
+    how, saved, scb = snap
     if how == "packed":
-        module.weight = saved
+        _set_packed(module, saved, scb)
         return
     param = dict(module.named_parameters())[name]
     with torch.no_grad():
