@@ -307,18 +307,18 @@ def perturb(model: up.AdaptedModel, adapter_name: str, seed: int, scale: float =
     same adapter get the same perturbation whatever else they hold.
     """
     with torch.no_grad():
-        for site in model.sites():
-            if adapter_name not in site.deltas:
-                continue
-            for key, p in site.deltas[adapter_name].named_parameters():
-                g = torch.Generator().manual_seed(seed * 7919 + zlib.crc32(f"{site.path}.{key}".encode()))
-                p.add_(torch.randn(p.shape, generator=g) * scale)
+        for key, p in adapter_params(model, adapter_name).items():
+            g = torch.Generator().manual_seed(seed * 7919 + zlib.crc32(key.encode()))
+            p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 def adapter_params(model: up.AdaptedModel, adapter_name: str) -> dict[str, torch.Tensor]:
-    """`site path.key` -> parameter of adapter `adapter_name`."""
-    return {f"{s.path}.{k}": p for s in model.sites() if adapter_name in s.deltas
-            for k, p in s.deltas[adapter_name].named_parameters()}
+    """`site path.key` -> parameter of adapter `adapter_name`, and `bank.key` for its shared bank."""
+    out = {f"{s.path}.{k}": p for s in model.sites() if adapter_name in s.deltas
+           for k, p in s.deltas[adapter_name].named_parameters()}
+    if adapter_name in model.banks:
+        out.update({f"bank.{k}": p for k, p in model.banks[adapter_name].named_parameters()})
+    return out
 
 
 def base_params(model: up.AdaptedModel) -> dict[str, torch.Tensor]:
