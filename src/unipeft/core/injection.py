@@ -15,7 +15,8 @@ SAVE_METHOD = "modules_to_save"
 
 
 def plan_injection(base_model: nn.Module, config: AdapterConfig, calibration=None) -> tuple:
-    """(frozen resolved config, [(path, module, delta)], bank or None) for adding `config` to `base_model`."""
+    """(frozen resolved config, [(path, module, delta)], bank or None, {path: base edits}) for adding
+    `config` to `base_model`; every edit is checked to name a parameter of its module."""
     spec = method_for_config(config)
     targets = select_targets(base_model, config, spec.capabilities.layer_types, spec.default_targets)
     if not spec.capabilities.quantized_base:
@@ -37,4 +38,9 @@ def plan_injection(base_model: nn.Module, config: AdapterConfig, calibration=Non
             raise ConfigError(f"modules_to_save={config.modules_to_save!r} matched no module")
         found = [(p, m) for p, m in found if not any(p.startswith(q + ".") for q, _ in found)]
         built += [(p, m, saver.delta_cls.create(m, config, p)) for p, m in found]
-    return config, built, bank
+    edits = {path: edit for path, _, d in built if (edit := d.base_edits())}
+    modules = {path: module for path, module, _ in built}
+    for path, edit in edits.items():
+        for name in edit:
+            layers.check_writable(modules[path], name, path)
+    return config, built, bank, edits

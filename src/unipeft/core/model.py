@@ -119,8 +119,7 @@ class AdaptedModel(nn.Module):
                               f"other than {BASE_NAME!r}")
         if adapter_name in self.peft_config:
             raise ConfigError(f"adapter '{adapter_name}' already exists; delete_adapter() it first")
-        config, new_deltas, bank = plan_injection(self.base_model, config, calibration)
-        edits = [(path, d.base_edits()) for path, _, d in new_deltas]
+        config, new_deltas, bank, edits = plan_injection(self.base_model, config, calibration)
         # All deltas were built without error: only now touch the model.
         sites = self._sites
         for path, module, delta in new_deltas:
@@ -132,9 +131,8 @@ class AdaptedModel(nn.Module):
             delta.requires_grad_(False)
             delta.bind(self._ctx)
             site.deltas[adapter_name] = delta
-        for path, edit in edits:
-            if edit:
-                sites[path].apply_edits(adapter_name, edit)
+        for path, edit in edits.items():
+            sites[path].apply_edits(adapter_name, edit)
         if bank is not None:
             bank.requires_grad_(False)
             self.banks[adapter_name] = bank

@@ -230,9 +230,7 @@ class AdaptedSite(nn.Module):
 
     # ---- base-weight edits of inits ----------------------------------------------------
     def apply_edits(self, name: str, edits: dict[str, torch.Tensor]) -> None:
-        """Write `edits` into the base layer, keeping exact copies of what they replace."""
-        for k in edits:
-            layers.check_writable(self.base_layer, k, self.path)
+        """Write `edits` (checked by the injection plan) into the base layer, keeping exact copies of what they replace."""
         snaps = {k: layers.snapshot_param(self.base_layer, k) for k in edits}
         for k, v in edits.items():
             layers.write_param(self.base_layer, k, v)
