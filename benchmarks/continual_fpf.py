@@ -2,6 +2,10 @@
 
     python -m benchmarks.continual_fpf                       # both benchmarks, seeds 0 1 2
     python -m benchmarks.continual_fpf --benchmark seq-digits --seeds 0
+    python -m benchmarks.continual_fpf --benchmark seq-digits --seeds 0 --epochs 1 --fpf-steps 5 --out /tmp/c.json
+
+Writes the JSON (default benchmarks/results/continual_fpf.json) and a PNG beside it. --epochs,
+--fpf-steps and --kfpf-steps shrink the presets' budget, only to check that the script runs.
 
 Claims checked (Zhao et al., "Does Continual Learning Equally Forget All Parameters?", ICML 2023):
 FPF at the end improves ER and DER++; k-FPF (no replay during training, FPF k times) is
@@ -75,14 +79,27 @@ def claims(payload: dict) -> dict:
     return out
 
 
-def run(name: str, seeds: list[int]) -> dict:
-    """All methods of one benchmark side by side (plus the Seq-Digits ablations)."""
+def budgeted(preset, epochs: int | None = None, fpf_steps: int | None = None, kfpf_steps: int | None = None):
+    """The preset CLConfig with a smaller training budget where given (None keeps the preset's value)."""
+    cfg = preset
+    if epochs is not None:
+        cfg = dataclasses.replace(cfg, epochs=epochs)
+    if fpf_steps is not None:
+        cfg = dataclasses.replace(cfg, fpf=dataclasses.replace(cfg.fpf, steps=fpf_steps))
+    if kfpf_steps is not None:
+        cfg = dataclasses.replace(cfg, kfpf_steps=kfpf_steps)
+    return cfg
+
+
+def run(name: str, seeds: list[int], **budget: int | None) -> dict:
+    """All methods of one benchmark side by side (plus the Seq-Digits ablations); `budget` as for budgeted()."""
     from unipeft.continual import DEFAULT_METHODS, get_benchmark, run_benchmark
 
     t0 = time.perf_counter()
-    payload = run_benchmark(name, list(DEFAULT_METHODS), seeds, progress=False, warmup=True)
+    cfg = budgeted(get_benchmark(name).preset(), **budget)
+    payload = run_benchmark(name, list(DEFAULT_METHODS), seeds, config=dataclasses.replace(cfg), progress=False,
+                            warmup=True)
     if name == "seq-digits":
-        cfg = get_benchmark(name).preset()
         low = dataclasses.replace(cfg, kfpf_budget=cfg.fpf.budget)
         ablation = run_benchmark(name, ["kfpf"], seeds, config=low, progress=False, warmup=True)
         _add_variant(payload, ablation, "kfpf", f"kfpf, budget {cfg.fpf.budget} (ablation)")
@@ -94,25 +111,63 @@ def run(name: str, seeds: list[int]) -> dict:
     return payload
 
 
-def main() -> None:
-    """Run the benchmarks, write benchmarks/results/continual_fpf.json and print the tables."""
+def _seen_average(payload: dict, method: str) -> tuple[list[int], list[float]]:
+    """Mean over seeds of the average accuracy on the tasks seen so far, after each task (1-based)."""
+    matrices = [row["accuracy_matrix"] for row in payload["per_seed"][method]]
+    first = len(payload["task_names"]) - len(matrices[0]) + 1  # joint training: one row, after the last task
+    curve = [statistics.fmean(statistics.fmean(m[i]) for m in matrices) for i in range(len(matrices[0]))]
+    return list(range(first, first + len(curve))), curve
+
+
+def plot(result: dict, path: Path) -> Path:
+    """One row per benchmark: accuracy, forgetting and FLOPs vs ER (mean ± std over seeds), accuracy curves."""
+    from .plots import bars, curves, panels, save
+
+    benches = result["benchmarks"]
+    fig, axes = panels(4 * len(benches), f"FPF / k-FPF reproduction, class-IL, seeds {result['seeds']}: "
+                                         f"mean ± std over seeds", cols=4, size=(5.5, 4.2))
+    for row, (name, payload) in enumerate(benches.items()):
+        ax = axes[4 * row: 4 * row + 4]
+        methods, summary = payload["methods"], payload["summary"]
+        for a, (key, label) in zip(ax, (("final_average_accuracy", "final average accuracy"),
+                                        ("average_forgetting", "average forgetting"))):
+            bars(a, methods, {"": [summary[m][key]["mean"] for m in methods]},
+                 {"": [summary[m][key]["std"] for m in methods]}, f"{name}: {label}", label, "{:.3f}", rotate=True)
+        bars(ax[2], methods, {"": [summary[m]["flops_vs_er"]["mean"] for m in methods]},
+             title=f"{name}: training FLOPs relative to ER", ylabel="x ER", value_format="{:.2f}", rotate=True)
+        curves(ax[3], {m: _seen_average(payload, m) for m in methods}, f"{name}: accuracy on the tasks seen so far",
+               "after task", "average accuracy")
+        ax[3].legend(fontsize="xx-small", ncols=2)
+    return save(fig, path)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Run the benchmarks, write the JSON (default benchmarks/results/continual_fpf.json) + PNG, print the tables."""
     from unipeft.continual import markdown_table
+
+    from .plots import png_path
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--benchmark", nargs="+", default=["seq-digits", "seq-fortunes"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=RESULTS / "continual_fpf.json")
-    args = parser.parse_args()
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per task (default: the preset's)")
+    parser.add_argument("--fpf-steps", type=int, default=None, help="steps of the final FPF (default: the preset's)")
+    parser.add_argument("--kfpf-steps", type=int, default=None, help="steps per k-FPF phase (default: the preset's)")
+    args = parser.parse_args(argv)
+    budget = {"epochs": args.epochs, "fpf_steps": args.fpf_steps, "kfpf_steps": args.kfpf_steps}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)  # the machine is shared; tiny models gain nothing from more threads
     result = {"versions": _versions(), "seeds": args.seeds, "benchmarks": {}}
     for name in args.benchmark:
-        result["benchmarks"][name] = run(name, args.seeds)
+        result["benchmarks"][name] = run(name, args.seeds, **budget)
         print("\n" + markdown_table(result["benchmarks"][name]) + "\n", flush=True)
         print(json.dumps(result["benchmarks"][name]["claims"], indent=1), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")  # after each benchmark: nothing is lost
-    print(f"wrote {args.out}")
+        plot(result, png_path(args.out))
+    print(f"wrote {args.out} and {png_path(args.out)}")
+    return args.out
 
 
 if __name__ == "__main__":

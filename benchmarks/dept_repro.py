@@ -9,7 +9,9 @@ for both, 3 seeds. Each (method, seed) trains in its own child process, which re
 median optimizer-step time, the training peak memory (VmHWM over the run minus the resident
 size when training starts), the test-set inference time and the test accuracy.
 
-    python -m benchmarks.dept_repro [--steps 120] [--seeds 0 1 2]
+    python -m benchmarks.dept_repro [--steps 120] [--seeds 0 1 2] [--max-per-category N] [--out DIR]
+
+Writes dept_repro.json, dept_repro.md and dept_repro.png (bars, mean ± std over seeds) into --out.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ METHODS = {
 PROMPT_LR, HEAD_LR = 3e-2, 3e-2
 
 
-def run_config(method: str, seed: int, steps: int, out: str):
+def run_config(method: str, seed: int, steps: int, out: str, max_per_category: int | None = None):
     """examples/fortunes_lora.yaml with the method swapped in, a fixed step budget and one thread."""
     import yaml
 
@@ -45,12 +47,14 @@ def run_config(method: str, seed: int, steps: int, out: str):
     data = yaml.safe_load((ROOT / "examples" / "fortunes_lora.yaml").read_text())
     data.update(method=dict(METHODS[method]), max_steps=steps, seed=seed, threads=1, output_dir=out,
                 log_every=10_000, eval_every=10_000)
+    if max_per_category is not None:  # fewer examples per topic: the smoke test's budget
+        data["data"]["max_per_category"] = max_per_category
     data["optimizer"] = {"lr": PROMPT_LR, "weight_decay": 0.0, "groups": [{"params": "classifier", "lr": HEAD_LR}]}
     data["schedule"] = {"name": "linear", "warmup_ratio": 0.1}
     return config_from_dict(data)
 
 
-def child(method: str, seed: int, steps: int) -> dict:
+def child(method: str, seed: int, steps: int, max_per_category: int | None = None) -> dict:
     """Train one (method, seed) and measure it; runs in a fresh process."""
     import torch
 
@@ -82,7 +86,7 @@ def child(method: str, seed: int, steps: int) -> dict:
             self.model = ctx.model
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = run_config(method, seed, steps, str(Path(tmp) / "run"))
+        cfg = run_config(method, seed, steps, str(Path(tmp) / "run"), max_per_category)
         probe = Probe()
         summary = train_run(cfg, show_progress=False, callbacks=[probe], log=lambda *a: None)
         parts = build_parts(cfg)
@@ -102,10 +106,12 @@ def child(method: str, seed: int, steps: int) -> dict:
             "prompt_params": n_prompt}
 
 
-def _spawn(method: str, seed: int, steps: int) -> dict:
+def _spawn(method: str, seed: int, steps: int, max_per_category: int | None = None) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    cap = [] if max_per_category is None else ["--max-per-category", str(max_per_category)]
     out = subprocess.run([sys.executable, "-m", "benchmarks.dept_repro", "--child", method, "--seed", str(seed),
-                          "--steps", str(steps)], capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+                          "--steps", str(steps), *cap], capture_output=True, text=True, env=env, cwd=ROOT,
+                         check=False)
     if out.returncode != 0:
         raise RuntimeError(f"child {method} seed {seed} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -150,30 +156,59 @@ def table(summary: dict, steps: int, seeds: list[int]) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
-    """Run every (method, seed) child, interleaved, and write benchmarks/results/dept_repro.{json,md}."""
+QUANTITIES = (("step_seconds", "train step (s, median)", "{:.3f}"),
+              ("peak_train_mb", "training peak memory (MB)", "{:.0f}"),
+              ("inference_seconds", "inference, {n} test examples (s)", "{:.2f}"),
+              ("test_accuracy", "test accuracy", "{:.3f}"))
+
+
+def plot(payload: dict, path: Path) -> Path:
+    """Bars (mean ± std over seeds) of the four measured quantities, prompt tuning beside DePT, to a PNG."""
+    from .plots import bars, panels, save
+
+    summary, setup = payload["summary"], payload["setup"]
+    names = {"prompt_tuning": f"prompt tuning\n(L={L_PROMPT})", "dept": f"DePT\n(m={M_PROMPT}, r={RANK})"}
+    fig, axes = panels(len(QUANTITIES), f"DePT vs prompt tuning at equal prompt parameters, MiniLM + fortunes: "
+                                        f"{setup['steps']} steps, seeds {setup['seeds']}, mean ± std")
+    n_infer = payload["runs"][0]["inference_examples"]
+    for ax, (key, label, fmt) in zip(axes, QUANTITIES):
+        label = label.format(n=n_infer)
+        saving = summary["dept_saving"].get(key)
+        note = (f"DePT saves {100 * saving:.1f}%" if saving is not None
+                else f"DePT {100 * summary['accuracy_delta']:+.1f} points")
+        bars(ax, [names[m] for m in METHODS], {"": [summary[m][key]["mean"] for m in METHODS]},
+             {"": [summary[m][key]["std"] for m in METHODS]}, title=f"{label}\n{note}", ylabel=label,
+             value_format=fmt)
+    return save(fig, path)
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    """Run every (method, seed) child, interleaved, and write dept_repro.{json,md,png} into --out."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--max-per-category", type=int, default=None,
+                        help="examples per topic (default: the config's 200; smaller only to check the script runs)")
     parser.add_argument("--child", choices=sorted(METHODS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.seed, args.steps)))
-        return
+        print(json.dumps(child(args.child, args.seed, args.steps, args.max_per_category)))
+        return None
     from tqdm import tqdm
 
     jobs = [(m, s) for s in args.seeds for m in METHODS]  # alternate methods so load drift hits both
     runs = []
     started = time.perf_counter()
     for method, seed in tqdm(jobs, desc="dept_repro", unit="run"):
-        runs.append(_spawn(method, seed, args.steps))
+        runs.append(_spawn(method, seed, args.steps, args.max_per_category))
     summary = summarise(runs)
     payload = {"claim": "DePT: >20% less train/inference time and memory than prompt tuning at equal trainable "
                         "parameters, accuracy at least as good",
                "setup": {"model": "minilm", "data": "examples/fortunes_lora.yaml (8 fortunes topics)",
                          "steps": args.steps, "batch_size": 16, "seeds": args.seeds, "threads": 1,
+                         "max_per_category": args.max_per_category,  # None: the config's
                          "methods": METHODS, "prompt_lr": PROMPT_LR, "head_lr": HEAD_LR},
                "runs": runs, "summary": summary, "wall_seconds": time.perf_counter() - started,
                "versions": versions()}
@@ -182,7 +217,9 @@ def main() -> None:
     (out / "dept_repro.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     text = table(summary, args.steps, args.seeds)
     (out / "dept_repro.md").write_text(text + "\n")
+    plot(payload, out / "dept_repro.png")
     print(text)
+    return out / "dept_repro.json"
 
 
 if __name__ == "__main__":

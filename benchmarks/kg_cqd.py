@@ -9,9 +9,10 @@ queries side by side:
 The calibrators are adapters "full", "one_percent", "subset" of one AdaptedModel; CQD is that
 model with its adapters disabled.
 
-    python -m benchmarks.kg_cqd [--dataset umls] [--n-train 2000] [--steps 300] [--quick]
+    python -m benchmarks.kg_cqd [--dataset umls] [--n-train 2000] [--steps 300] [--quick] [--out-dir DIR]
 
-Writes benchmarks/results/kg_cqd.json and kg_cqd.md (the markdown table of the README's kg section).
+Writes benchmarks/results/kg_cqd.json, kg_cqd.md (the markdown table of the README's kg section)
+and kg_cqd.png (MRR bars and the calibrators' validation curves).
 """
 from __future__ import annotations
 
@@ -63,6 +64,41 @@ def _hits_table(methods: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
+def plot(payload: dict, path: Path) -> Path:
+    """Test MRR per structure and on average, Hits@k, and each calibrator's validation curve, to a PNG."""
+    from .plots import bars, curves, new_figure, save
+
+    methods = payload["methods"]
+    names = list(methods)
+    structures = [s for s in next(iter(methods.values()))["per_structure"]]
+    fig = new_figure(16, 9, f"CQD vs CQD^A on {payload['dataset']['name']}, seed {payload['seed']}: test MRR on "
+                            f"hard answers, {payload['queries']['n_test']} queries per structure")
+    ax = fig.subplot_mosaic([["per", "per", "per"], ["avg", "hits", "valid"]])
+    bars(ax["per"], structures, {n: [methods[n]["per_structure"][s]["mrr"] if s in methods[n]["per_structure"]
+                                     else None for s in structures] for n in names},
+         title="test MRR per query structure", ylabel="MRR")
+    ax["per"].set_ylim(0, 1.25)  # MRR <= 1: the room above it holds the legend
+    ax["per"].legend(ncols=3, loc="upper center", fontsize="small")
+    bars(ax["avg"], ["all 14", "EPFO", "with negation"],
+         {n: [methods[n]["avg_mrr"], methods[n]["avg_mrr_positive"], methods[n]["avg_mrr_negation"]] for n in names},
+         title="average test MRR", ylabel="MRR")
+    ax["avg"].get_legend().remove()  # the same methods and colours as the panel above
+    hits = ("mrr", "hits@1", "hits@3", "hits@10")
+    mean = {n: [sum(p[k] for p in methods[n]["per_structure"].values()) / len(methods[n]["per_structure"])
+                for k in hits] for n in names}
+    bars(ax["hits"], ["MRR", "Hits@1", "Hits@3", "Hits@10"], mean, title="mean over the structures", ylabel="score")
+    ax["hits"].get_legend().remove()
+    history = {label: ([h["step"] for h in rep["history"]], [h["valid_avg_mrr"] for h in rep["history"]])
+               for label, rep in payload["calibrators"].items() if rep.get("history")}
+    curves(ax["valid"], history, "calibrators: validation average MRR (own structures)", "optimizer step",
+           "MRR")
+    # Calibrator colours follow their bars above (after the two CQD rows).
+    for line, label in zip(ax["valid"].get_lines(), history):
+        line.set_color(f"C{names.index(label)}" if label in names else line.get_color())
+    ax["valid"].legend(fontsize="x-small")
+    return save(fig, path)
+
+
 def main(argv: list[str] | None = None) -> Path:
     """Run the comparison and write the JSON and markdown results."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -73,7 +109,8 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--steps", type=int, default=300, help="optimizer steps of each calibrator")
     ap.add_argument("--seed", type=int, default=0, help="seed of the predictor, the queries and the calibrators")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
-    ap.add_argument("--out", default="kg_cqd", help="result file stem in benchmarks/results/")
+    ap.add_argument("--out", default="kg_cqd", help="result file stem in --out-dir")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -159,10 +196,11 @@ def main(argv: list[str] | None = None) -> Path:
     structures = list(STRUCTURES)
     table = (f"Test MRR (%) on hard answers, {data.name}, {args.n_test} queries per structure\n\n"
              + _table(methods, structures) + "\n\nMean over the 14 structures (%)\n\n" + _hits_table(methods))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{args.out}.json"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"{args.out}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / f"{args.out}.md").write_text(table + "\n")
+    (args.out_dir / f"{args.out}.md").write_text(table + "\n")
+    plot(payload, path.with_suffix(".png"))
     print(table)
     print(json.dumps(claims, indent=2))
     print(f"[kg_cqd] calibrator {n_adapter} parameters = {100 * n_adapter / n_base:.2f}% of the predictor's "

@@ -11,8 +11,19 @@ import gc
 import json
 
 
+STATUS = "/proc/self/status"
+CLEAR_REFS = "/proc/self/clear_refs"
+# After a reset VmHWM equals VmRSS up to the kernel's per-thread RSS counter lag (64 pages a thread);
+# a gap larger than this means the write was accepted but did nothing.
+RESET_SLACK_KB = 8 * 1024
+
+
+class PeakResetError(RuntimeError):
+    """The kernel's high-water mark (VmHWM) could not be reset: a peak would include earlier allocations."""
+
+
 def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
+    with open(STATUS) as f:
         for line in f:
             if line.startswith(key + ":"):
                 return int(line.split()[1])  # kB
@@ -20,14 +31,24 @@ def _status(key: str) -> int:
 
 
 def reset_peak() -> int:
-    """Reset the kernel's high-water mark to the current size; return that size (kB)."""
+    """Reset the kernel's high-water mark to the current size; return that size (kB). PeakResetError if it fails."""
     gc.collect()
+    # A failed reset is an error, not a warning: the peak would silently include everything the
+    # process held before (e.g. model loading), and the figures built on it would be wrong.
     try:
-        with open("/proc/self/clear_refs", "w") as f:
+        with open(CLEAR_REFS, "w") as f:
             f.write("5")
-    except OSError:
-        pass
-    return _status("VmRSS")
+    except OSError as exc:
+        raise PeakResetError(
+            f"cannot reset the peak resident size: writing '5' to {CLEAR_REFS} failed ({exc.strerror or exc}). "
+            f"Memory probes need Linux >= 4.0 with /proc mounted read-write (a container with a read-only "
+            f"/proc cannot run them): run the memory benchmarks on such a machine") from None
+    rss, hwm = _status("VmRSS"), _status("VmHWM")
+    if hwm - rss > RESET_SLACK_KB:
+        raise PeakResetError(
+            f"writing '5' to {CLEAR_REFS} did not reset the peak resident size (VmHWM {hwm} kB stays above "
+            f"VmRSS {rss} kB); this kernel ignores the request, so memory probes cannot run on it")
+    return rss
 
 
 def peak_mb_since(rss0_kb: int) -> float:

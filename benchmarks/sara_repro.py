@@ -8,9 +8,9 @@ the resident size after loading the model), and how far the mean-pooled MiniLM s
 embeddings of unrelated held-out fortunes (categories the task never sees) drift from the
 base model's: 1 - cosine similarity and relative L2 distance.
 
-    python -m benchmarks.sara_repro [--seeds 0,1,2] [--max-steps N] [--only lora,sara,full]
+    python -m benchmarks.sara_repro [--seeds 0,1,2] [--max-steps N] [--only lora,sara,full] [--out PATH]
 
-Writes benchmarks/results/sara_repro.json and prints a markdown table.
+Writes benchmarks/results/sara_repro.json (or --out) and a PNG beside it, and prints a markdown table.
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ CONFIG = ROOT / "examples" / "fortunes_lora.yaml"
 OUT = ROOT / "benchmarks" / "results" / "sara_repro.json"
 HELD_OUT = ["art", "education", "medicine", "wisdom", "pets", "kids"]  # not among the task's categories
 HELD_OUT_TEXTS = 240
-TARGETS = "[query, key, value, dense]"
-SMALL_BATCH = 4  # a memory probe where activations weigh less than the trained state  # the shipped LoRA config's targets, for SaRA too
+TARGETS = "[query, key, value, dense]"  # the shipped LoRA config's targets, for SaRA too
+SMALL_BATCH = 4  # a memory probe where activations weigh less than the trained state
 
 VARIANTS: dict[str, list[str]] = {
     "lora": [],
@@ -43,24 +43,27 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
-def overrides(name: str, seed: int, max_steps: int | None, out: Path | None = None) -> list[str]:
+def overrides(name: str, seed: int, max_steps: int | None, out: Path | None = None,
+              max_per_category: int | None = None) -> list[str]:
     """Config overrides of one run: the variant, the fixed split, the seed, one thread, the step count."""
     args = VARIANTS[name] + ["--data.seed", "0", "--seed", str(seed), "--threads", "1"]
     if max_steps is not None:
         args += ["--max_steps", str(max_steps)]
+    if max_per_category is not None:  # fewer examples per topic: the smoke test's budget
+        args += ["--data.max_per_category", str(max_per_category)]
     if out is not None:
         args += ["--output_dir", str(out)]
     return args
 
 
 # ---- generalisation retained: embedding drift on unrelated text ---------------------------------
-def held_out_texts() -> list[str]:
+def held_out_texts(n: int = HELD_OUT_TEXTS) -> list[str]:
     """Fortunes of categories the task never trains on (seeded sample, at most 400 characters)."""
     from unipeft.data.fortunes import fortunes_dir, read_fortune_file
 
     texts = [t for c in HELD_OUT for t in read_fortune_file(fortunes_dir() / c) if len(t) <= 400]
     random.Random(0).shuffle(texts)
-    return texts[:HELD_OUT_TEXTS]
+    return texts[:n]
 
 
 def embed(encoder, batches) -> "torch.Tensor":
@@ -101,12 +104,12 @@ def make_drift_callback(batches, base_emb):
     return DriftProbe()
 
 
-def encoded_held_out(cfg):
+def encoded_held_out(cfg, n: int = HELD_OUT_TEXTS):
     """Tokenized held-out batches and the base model's embeddings of them."""
     from unipeft.train.models import load_base_model, load_tokenizer
 
     tok = load_tokenizer(cfg.model.name)
-    texts = held_out_texts()
+    texts = held_out_texts(n)
     batches = [dict(tok(texts[i:i + 48], padding=True, truncation=True, max_length=cfg.data.max_length,
                         return_tensors="pt")) for i in range(0, len(texts), 48)]
     base = load_base_model(cfg.model, "classification", ["a", "b"], 0)
@@ -114,11 +117,12 @@ def encoded_held_out(cfg):
 
 
 # ---- one training run ------------------------------------------------------------------------------
-def run_one(name: str, seed: int, max_steps: int | None, workdir: Path, held) -> dict:
+def run_one(name: str, seed: int, max_steps: int | None, workdir: Path, held,
+            max_per_category: int | None = None) -> dict:
     """Train one variant under `seed`; test accuracy, timing and drift."""
     from unipeft.train import load_config, train_run
 
-    cfg = load_config(CONFIG, overrides(name, seed, max_steps, workdir / f"{name}-{seed}"))
+    cfg = load_config(CONFIG, overrides(name, seed, max_steps, workdir / f"{name}-{seed}", max_per_category))
     probe = make_drift_callback(held[0], held[1])
     start = time.perf_counter()
     summary = train_run(cfg, show_progress=False, log=lambda *_: None, callbacks=[probe])
@@ -130,7 +134,8 @@ def run_one(name: str, seed: int, max_steps: int | None, workdir: Path, held) ->
 
 
 # ---- peak memory, in a child process ----------------------------------------------------------------
-def probe_memory(name: str, steps: int, batch_size: int | None = None, checkpointing: bool = False) -> None:
+def probe_memory(name: str, steps: int, batch_size: int | None = None, checkpointing: bool = False,
+                 max_per_category: int | None = None) -> None:
     """(child) Peak resident memory of adapting + `steps` training steps, above the loaded base model; prints JSON."""
     import torch
 
@@ -149,7 +154,7 @@ def probe_memory(name: str, steps: int, batch_size: int | None = None, checkpoin
 
     torch.set_num_threads(1)
     extra = ["--batch_size", str(batch_size)] if batch_size else []
-    cfg = load_config(CONFIG, overrides(name, 0, None) + extra)
+    cfg = load_config(CONFIG, overrides(name, 0, None, None, max_per_category) + extra)
     splits = load_data(cfg.task, cfg.data, cfg.data_seed)
     base = load_base_model(cfg.model, cfg.task, splits.label_names, cfg.seed)
     parts = RunParts(cfg, splits, load_tokenizer(cfg.model.name), base, cfg.method_config, splits.label_names)
@@ -185,7 +190,8 @@ def probe_memory(name: str, steps: int, batch_size: int | None = None, checkpoin
                       "probe_step_seconds": statistics.median(times[1:] or times)}))
 
 
-def measure_memory(name: str, steps: int, batch_size: int | None = None, checkpointing: bool = False) -> dict:
+def measure_memory(name: str, steps: int, batch_size: int | None = None, checkpointing: bool = False,
+                   max_per_category: int | None = None) -> dict:
     """Run the memory probe of `name` in a fresh interpreter."""
     # glibc returns freed blocks above this size to the OS at once, so VmHWM tracks live tensors
     # instead of whatever the allocator happened to keep cached (same setting for every method).
@@ -195,7 +201,11 @@ def measure_memory(name: str, steps: int, batch_size: int | None = None, checkpo
         cmd += ["--probe-batch", str(batch_size)]
     if checkpointing:
         cmd += ["--probe-checkpointing"]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    if max_per_category is not None:
+        cmd += ["--max-per-category", str(max_per_category)]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:  # show the child's error (e.g. memprobe's PeakResetError), not only its exit code
+        raise RuntimeError(f"memory probe {name} {' '.join(cmd[5:])} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -203,9 +213,10 @@ MEMORY_SETTINGS = {"memory": {}, "memory_batch4": {"batch_size": SMALL_BATCH},
                    "memory_checkpointing": {"checkpointing": True}}
 
 
-def memory_probes(name: str, steps: int) -> dict:
+def memory_probes(name: str, steps: int, max_per_category: int | None = None) -> dict:
     """The three memory settings: the task's batch, a small batch, the task's batch with gradient checkpointing."""
-    return {key: measure_memory(name, steps, **kw) for key, kw in MEMORY_SETTINGS.items()}
+    return {key: measure_memory(name, steps, **kw, max_per_category=max_per_category)
+            for key, kw in MEMORY_SETTINGS.items()}
 
 
 # ---- main -------------------------------------------------------------------------------------------
@@ -225,8 +236,8 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
-    """Run every method under every seed, probe memory, write the JSON and print the table."""
+def main(argv: list[str] | None = None) -> Path | None:
+    """Run every method under every seed, probe memory, write the JSON (+ PNG) and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--max-steps", type=int, default=None, help="default: the config's 3 epochs")
@@ -236,37 +247,43 @@ def main() -> None:
     parser.add_argument("--probe-batch", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--probe-checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory-only", action="store_true", help="re-run only the memory probes into the JSON")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=OUT, help="the result JSON (default benchmarks/results/"
+                                                                "sara_repro.json); the PNG goes beside it")
+    parser.add_argument("--max-per-category", type=int, default=None,
+                        help="examples per topic (default: the config's 200; smaller only to check the script runs)")
+    parser.add_argument("--held-out-texts", type=int, default=HELD_OUT_TEXTS,
+                        help=f"unrelated fortunes for the embedding drift (default {HELD_OUT_TEXTS})")
+    args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cap = args.max_per_category
     if args.probe:
-        probe_memory(args.probe, args.probe_steps, args.probe_batch, args.probe_checkpointing)
-        return
+        probe_memory(args.probe, args.probe_steps, args.probe_batch, args.probe_checkpointing, cap)
+        return None
     if args.memory_only:
-        results = json.loads(OUT.read_text())
+        results = json.loads(args.out.read_text())
         for n, m in results["methods"].items():
-            m.update(memory_probes(n, args.probe_steps))
-        finish(results)
-        return
+            m.update(memory_probes(n, args.probe_steps, cap))
+        return finish(results, args.out)
     import torch
     torch.set_num_threads(1)
     from unipeft.train import load_config
 
     names, seeds = args.only.split(","), [int(s) for s in args.seeds.split(",")]
-    held = encoded_held_out(load_config(CONFIG))
+    held = encoded_held_out(load_config(CONFIG), args.held_out_texts)
     workdir = Path(tempfile.mkdtemp(prefix="sara-repro-"))
     runs: dict[str, list[dict]] = {n: [] for n in names}
     started = time.perf_counter()
     try:
         for seed in seeds:  # interleaved, so the three methods share the machine's load alike
             for name in names:
-                row = run_one(name, seed, args.max_steps, workdir, held)
+                row = run_one(name, seed, args.max_steps, workdir, held, cap)
                 row["load_avg_1min"] = os.getloadavg()[0]
                 runs[name].append(row)
                 print(name, seed, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
                       flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    memory = {n: memory_probes(n, args.probe_steps) for n in names}
+    memory = {n: memory_probes(n, args.probe_steps, cap) for n in names}
     methods = {}
     for n in names:
         acc = [r["accuracy"] for r in runs[n]]
@@ -278,15 +295,18 @@ def main() -> None:
             "relative_l2_mean": statistics.mean(r["relative_l2"] for r in runs[n]),
             **memory[n], "runs": runs[n]}
     results = {"config": str(CONFIG.relative_to(ROOT)), "seeds": seeds, "max_steps": args.max_steps,
+               "max_per_category": cap,  # None: the config's
                "held_out_categories": HELD_OUT, "held_out_texts": held[2], "methods": methods,
                "torch_threads": 1, "torch": torch.__version__, "python": platform.python_version(),
                "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
                "wall_seconds": time.perf_counter() - started}
-    finish(results)
+    return finish(results, args.out)
 
 
-def finish(results: dict) -> None:
-    """Evaluate the claims, write the JSON, print the table."""
+def finish(results: dict, out: Path = OUT) -> Path:
+    """Evaluate the claims, write the JSON and the PNG beside it, print the table."""
+    from .plots import png_path
+
     methods = results["methods"]
     if {"sara", "lora", "full"} <= set(methods):
         claims = {}
@@ -296,10 +316,48 @@ def finish(results: dict) -> None:
                            "sara_over_full": m["sara"] / m["full"], "sara_over_lora": m["sara"] / m["lora"]}
         claims["sara_drift_lt_lora"] = methods["sara"]["cosine_drift_mean"] < methods["lora"]["cosine_drift_mean"]
         results["claims"] = claims
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(results, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, png_path(out))
     print(table(results))
     print(json.dumps(results.get("claims", {}), indent=2))
+    return out
+
+
+def _spread(runs: list[dict], key: str) -> float:
+    values = [r[key] for r in runs]
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def plot(results: dict, path: Path) -> Path:
+    """Bars per method: accuracy, peak memory (three settings), trained state, step time and drift, to a PNG."""
+    from .plots import bars, panels, save
+
+    methods = results["methods"]
+    names = list(methods)
+    runs = {n: methods[n]["runs"] for n in names}
+    seeds = results["seeds"]
+    steps = f"{results['max_steps']} steps" if results["max_steps"] else "the config's epochs"
+    fig, axes = panels(6, f"SaRA vs LoRA vs full fine-tuning, MiniLM + fortunes: seeds {seeds}, {steps}; "
+                          f"error bars: sd over seeds")
+    bars(axes[0], names, {"": [methods[n]["accuracy_mean"] for n in names]},
+         {"": [methods[n]["accuracy_sd"] for n in names]}, "test accuracy", "accuracy", "{:.3f}")
+    memory = {f"batch {methods[names[0]][k]['batch_size']}" + (", checkpointing" if "checkpointing" in k else ""):
+              [methods[n][k]["peak_mb"] for n in names] for k in MEMORY_SETTINGS}
+    bars(axes[1], names, memory, title="peak training memory above the loaded model", ylabel="MB")
+    bars(axes[2], names, {"": [methods[n]["memory"].get("gradient_mb", 0) + methods[n]["memory"].get(
+        "optimizer_state_mb", 0) for n in names]}, title="gradients + optimizer state", ylabel="MB",
+         value_format="{:.1f}")
+    bars(axes[3], names, {"": [methods[n]["step_seconds_median"] for n in names]},
+         {"": [_spread(runs[n], "step_seconds") for n in names]}, "train step time (median over seeds)", "s",
+         "{:.3f}")
+    bars(axes[4], names, {"": [methods[n]["cosine_drift_mean"] for n in names]},
+         {"": [_spread(runs[n], "cosine_drift") for n in names]}, "embedding drift on unrelated text",
+         "1 - cosine similarity", "{:.4f}")
+    bars(axes[5], names, {"": [methods[n]["relative_l2_mean"] for n in names]},
+         {"": [_spread(runs[n], "relative_l2") for n in names]}, "embedding drift on unrelated text",
+         "relative L2 distance", "{:.3f}")
+    return save(fig, path)
 
 
 if __name__ == "__main__":
