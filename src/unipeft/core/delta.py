@@ -38,6 +38,9 @@ class Delta(nn.Module):
     state_at_root: ClassVar[bool] = False
     # A freshly created delta leaves the model's outputs unchanged (the invariant suite checks it).
     identity_at_init: ClassVar[bool] = True
+    # Two such deltas stacked at one site give the same output in either order, equal to merging
+    # both (additive updates, scalings): the invariant suite checks stacking against that.
+    commutes: ClassVar[bool] = False
 
     def __init__(self, base: nn.Module, config, path: str, bank: nn.Module | None = None) -> None:
         super().__init__()

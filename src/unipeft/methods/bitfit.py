@@ -23,6 +23,7 @@ class BitFitDelta(Delta):
     """bias' = bias + bitfit_bias, applied in place (weight-side)."""
 
     kind = "weight"
+    commutes = True
 
     def __init__(self, base: nn.Module, config: BitFitConfig, path: str, bank=None) -> None:
         super().__init__(base, config, path, bank)

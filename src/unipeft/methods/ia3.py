@@ -37,6 +37,7 @@ class IA3Delta(Delta):
     """The vector `ia3_l`, shaped as PEFT stores it: (out, 1) / (1, in) for Linear, (1, C, 1..) for conv."""
 
     weight_dependent = True
+    commutes = True  # scalings of the same input/output multiply in either order
 
     def __init__(self, base: nn.Module, config: IA3Config, path: str, bank=None) -> None:
         super().__init__(base, config, path, bank)

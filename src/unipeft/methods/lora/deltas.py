@@ -21,6 +21,8 @@ from .variants import VARIANTS
 class LoraDelta(Delta):
     """Shared LoRA state: rank, scaling, dropout; `create` picks the layer-specific class."""
 
+    commutes = True  # out = base + BA x: stacked LoRAs add (DoRA says otherwise, per delta)
+
     def __init__(self, base: nn.Module, config: LoraConfig, path: str, bank=None) -> None:
         super().__init__(base, config, path, bank)
         self.r, _ = config.rank_and_alpha(path)
@@ -68,6 +70,7 @@ class LoraLinear(LoraDelta):
         self.init_pair(config, self.lora_A.weight, self.lora_B.weight, calibration)
         self.variant = VARIANTS[config.variant]
         self.weight_dependent = self.variant.weight_dependent
+        self.commutes = self.variant.commutes
         self.variant.setup(self)
 
     def lora_weight(self) -> torch.Tensor:

@@ -21,6 +21,7 @@ class Variant:
     name: ClassVar[str] = "lora"
     weight_dependent: ClassVar[bool] = False  # delta_weight reads the base weight
     groupable: ClassVar[bool] = True  # mixed batches may batch it with the same variant
+    commutes: ClassVar[bool] = True  # additive: stacked deltas of this variant commute (see Delta.commutes)
 
     def setup(self, delta) -> None:
         """Create the variant's own parameters on `delta` (after A and B exist)."""
@@ -47,6 +48,7 @@ class DoRA(Variant):
     name = "dora"
     weight_dependent = True
     groupable = False
+    commutes = False  # the magnitude renormalises whatever else the site adds
 
     def setup(self, delta) -> None:
         with torch.no_grad():

@@ -156,6 +156,7 @@ class SparseDelta(Delta):
     """
 
     kind = "output"
+    commutes = True  # additive
     prefix = "sparse"  # on-disk key prefix: <path>.<prefix>_values, <path>.<prefix>_indices
 
     def __init__(self, base: nn.Module, config, path: str, bank: nn.Module | None = None, *, k: int,

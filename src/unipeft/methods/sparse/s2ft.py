@@ -61,6 +61,7 @@ class S2ftDelta(Delta):
     """out = base(x) + x[..., channels] @ D^T; D (out x m) starts at zero."""
 
     kind = "output"
+    commutes = True  # additive
 
     def __init__(self, base: nn.Module, config: S2ftConfig, path: str, bank=None) -> None:
         super().__init__(base, config, path, bank)

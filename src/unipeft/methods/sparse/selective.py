@@ -26,6 +26,7 @@ class DenseDelta(Delta):
     """out = base(x) + x @ dW^T with a dense trainable dW (out x in), zero at the start."""
 
     kind = "output"
+    commutes = True  # additive
     prefix = "dense"
 
     def __init__(self, base: nn.Module, config, path: str, bank=None) -> None:
