@@ -81,9 +81,10 @@ def _is_4bit(w) -> bool:
     return getattr(w, "quant_state", None) is not None
 
 
-def _packed(module: nn.Module) -> bool:
-    """True when the weight is stored quantized (not an 8-bit layer keeping fp16 weights)."""
-    return is_quantized(module) and not getattr(module.weight, "has_fp16_weights", False)
+def is_packed(module: nn.Module, name: str = "weight") -> bool:
+    """True when parameter `name` is stored quantized (writes requantize it; an 8-bit layer keeping
+    fp16 weights is not packed), so only an exact snapshot can undo a write."""
+    return name == "weight" and is_quantized(module) and not getattr(module.weight, "has_fp16_weights", False)
 
 
 def _int8_scales(module: nn.Module):
@@ -189,7 +190,7 @@ def _set_packed(module: nn.Module, weight: nn.Parameter, scb=None) -> None:
 
 def write_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
     """Set a base parameter to `value` (stored layout); quantized weights are requantized."""
-    if name == "weight" and _packed(module):
+    if is_packed(module, name):
         _set_packed(module, _quantize_like(module, value))
         return
     param = dict(module.named_parameters())[name]
@@ -199,7 +200,7 @@ def write_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def requantization_error(module: nn.Module, value: torch.Tensor) -> float:
     """Largest |value - what write_param would store| (0 for unquantized layers)."""
-    if not _packed(module):
+    if not is_packed(module):
         return 0.0
     new = _quantize_like(module, value)
     stored = _dequantize(new, new.SCB if new.dtype == torch.int8 else None)
@@ -209,7 +210,7 @@ def requantization_error(module: nn.Module, value: torch.Tensor) -> float:
 def snapshot_param(module: nn.Module, name: str):
     """An exact copy of a base parameter (the packed tensor and its quantization state when quantized)."""
     param = dict(module.named_parameters())[name]
-    if name == "weight" and _packed(module):
+    if is_packed(module, name):
         # write_param replaces the Parameter object (never writes into it), so keeping it is a copy;
         # int8 scales are kept apart since Linear8bitLt.forward moves them off the weight.
         return ("packed", param, _int8_scales(module) if param.dtype == torch.int8 else None)

@@ -199,7 +199,7 @@ class AdaptedSite(nn.Module):
                 raise MergeError(f"merging adapter '{name}' into '{self.path}' gives non-finite values in "
                                  f"{bad}; the base weights were left unchanged")
         base = self.base_layer
-        snaps = {k: layers.snapshot_param(base, k) for k in new if layers.is_quantized(base) and k == "weight"}
+        snaps = {k: layers.snapshot_param(base, k) for k in new if layers.is_packed(base, k)}
         if snaps:
             self._merge_snapshots[name] = snaps
         for k, t in new.items():

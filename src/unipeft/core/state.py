@@ -103,8 +103,8 @@ def _plan(model, adapter_name: str, tensors: dict[str, torch.Tensor]):
             expected[f"{prefix}{key}"] = (site.path, delta, key, value)
     if adapter_name in model.banks:
         bank = model.banks[adapter_name]
-        for key, value in bank.state_dict().items():
-            expected[f"{BANK_PREFIX}{key}"] = ("bank", bank, key, value)
+        for file_key, value in bank_state(bank).items():
+            expected[file_key] = ("bank", bank, file_key[len(BANK_PREFIX):], value)
     for file_key, tensor in tensors.items():
         if file_key not in expected:
             path = file_key[len(PREFIX):] if file_key.startswith(PREFIX) else file_key

@@ -127,10 +127,6 @@ def require_matrix_layer(base: nn.Module, config, path: str) -> None:
                           f"Linear and GPT-2 Conv1D layers")
 
 
-def weight_2d(base: nn.Module) -> torch.Tensor:
-    """The base weight as (out, in) (core/layers.py knows each layer's storage)."""
-    return layers.dense_weight(base)
-
 
 def lowest_magnitude(w: torch.Tensor, k: int) -> torch.Tensor:
     """Sorted flat positions of the k entries of smallest |w| (those below the k/numel quantile)."""
@@ -163,7 +159,7 @@ class SparseDelta(Delta):
                  frozen_slots: int = 0, init_indices: torch.Tensor | None = None) -> None:
         super().__init__(base, config, path, bank)
         require_matrix_layer(base, config, path)
-        w = weight_2d(base)
+        w = layers.dense_weight(base)
         self.out_features, self.in_features = w.shape
         if init_indices is None:
             init_indices = lowest_magnitude(w, k)

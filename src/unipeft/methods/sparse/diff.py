@@ -13,11 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...core import layers
 from ...core.config import AdapterConfig
 from ...core.fields import choice, fraction, non_negative, unit_ratio
 from ...core.registry import Capabilities, register
 from ...core.hooks import TrainContext, TrainerCallback
-from .base import SPARSE_LAYERS, SparseDelta, count_for, reset_optimizer_state, weight_2d
+from .base import SPARSE_LAYERS, SparseDelta, count_for, reset_optimizer_state
 from .selective import DenseDelta
 
 _PHASES = ("dense", "sparse")
@@ -52,7 +53,7 @@ class DiffSparse(SparseDelta):
 
     def __init__(self, base: nn.Module, config: DiffPruningConfig, path: str, bank=None,
                  init_indices: torch.Tensor | None = None) -> None:
-        w = weight_2d(base) if isinstance(base, SPARSE_LAYERS) else torch.zeros(1, 1)
+        w = layers.dense_weight(base) if isinstance(base, SPARSE_LAYERS) else torch.zeros(1, 1)
         if init_indices is None:  # a placeholder until values/indices are loaded or pruned into it
             init_indices = torch.arange(count_for(config.density, w.numel()))
         super().__init__(base, config, path, bank, k=init_indices.numel(), init_indices=init_indices)

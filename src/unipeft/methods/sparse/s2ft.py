@@ -21,7 +21,7 @@ from ...core.errors import ConfigError, TargetError
 from ...core.fields import positive_int, unit_ratio
 from ...core.registry import Capabilities, register
 from ...core.targets import name_matches
-from .base import SPARSE_LAYERS, path_seed, require_matrix_layer, weight_2d
+from .base import SPARSE_LAYERS, path_seed, require_matrix_layer
 
 
 @dataclass
@@ -66,7 +66,7 @@ class S2ftDelta(Delta):
     def __init__(self, base: nn.Module, config: S2ftConfig, path: str, bank=None) -> None:
         super().__init__(base, config, path, bank)
         require_matrix_layer(base, config, path)
-        w = weight_2d(base)
+        w = layers.dense_weight(base)
         channels = select_channels(w.shape[1], config, path).to(w.device)
         self.register_buffer("channels", channels)
         self.weight = nn.Parameter(torch.zeros(w.shape[0], channels.numel(), dtype=torch.float32, device=w.device))

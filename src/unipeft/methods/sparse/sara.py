@@ -15,12 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...core import layers
 from ...core.config import AdapterConfig
 from ...core.fields import increasing_fractions, non_negative, positive_int, unit_ratio
 from ...core.registry import Capabilities, register
 from ...core.hooks import TrainContext, TrainerCallback
 from .base import (SPARSE_LAYERS, SparseDelta, count_for, load_selection_state,
-                      lowest_magnitude, selection_state, sparse_deltas, weight_2d)
+                      lowest_magnitude, selection_state, sparse_deltas)
 
 
 @dataclass
@@ -53,14 +54,14 @@ class SaraDelta(SparseDelta):
     prefix = "sara"
 
     def __init__(self, base: nn.Module, config: SaraConfig, path: str, bank=None) -> None:
-        w = weight_2d(base) if isinstance(base, SPARSE_LAYERS) else None
+        w = layers.dense_weight(base) if isinstance(base, SPARSE_LAYERS) else None
         k = count_for(config.ratio, w.numel()) if w is not None else 1
         super().__init__(base, config, path, bank, k=k, frozen_slots=k * len(config.schedule))
 
     def reselect(self, round_index: int, optimizer=None) -> None:
         """Freeze the trained values, then select the smallest |W + dW| entries anew (values from zero)."""
         with torch.no_grad():  # W + dW before the values move into the frozen round (not counted twice)
-            current = weight_2d(self.base).to(self.values.dtype) + self.dense_delta()
+            current = layers.dense_weight(self.base).to(self.values.dtype) + self.dense_delta()
             flat = lowest_magnitude(current, self.values.numel())
         self.freeze_round(round_index)
         self.set_selection(flat, None, optimizer)

@@ -19,7 +19,7 @@ from ...core.fields import positive_int
 from ...core.registry import Capabilities, register
 from ...core.targets import layer_index
 from ...core.hooks import TrainContext, TrainerCallback
-from .base import SPARSE_LAYERS, require_matrix_layer, reset_optimizer_state, weight_2d
+from .base import SPARSE_LAYERS, require_matrix_layer, reset_optimizer_state
 
 
 class DenseDelta(Delta):
@@ -32,7 +32,7 @@ class DenseDelta(Delta):
     def __init__(self, base: nn.Module, config, path: str, bank=None) -> None:
         super().__init__(base, config, path, bank)
         require_matrix_layer(base, config, path)
-        w = weight_2d(base)
+        w = layers.dense_weight(base)
         self.weight = nn.Parameter(torch.zeros(w.shape, dtype=torch.float32, device=w.device))
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:

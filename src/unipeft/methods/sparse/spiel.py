@@ -15,12 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...core import layers
 from ...core.config import AdapterConfig
 from ...core.fields import positive_int, unit_ratio
 from ...core.registry import Capabilities, register
 from ...core.hooks import TrainContext, TrainerCallback
 from .base import (CHUNK_ELEMENTS, SPARSE_LAYERS, SparseDelta, count_for, load_selection_state,
-                      path_seed, selection_state, sparse_deltas, weight_2d)
+                      path_seed, selection_state, sparse_deltas)
 
 
 @dataclass
@@ -46,7 +47,7 @@ class SpielDelta(SparseDelta):
     prefix = "spiel"
 
     def __init__(self, base: nn.Module, config: SpielConfig, path: str, bank=None) -> None:
-        w = weight_2d(base) if isinstance(base, SPARSE_LAYERS) else torch.zeros(1, 1)
+        w = layers.dense_weight(base) if isinstance(base, SPARSE_LAYERS) else torch.zeros(1, 1)
         k = count_for(config.density, w.numel())
         g = torch.Generator().manual_seed(path_seed(config.seed, path))
         init = torch.randperm(w.numel(), generator=g)[:k]

@@ -22,7 +22,7 @@ from ...core.errors import ConfigError
 from ...core.fields import positive_int, unit_ratio
 from ...core.registry import Capabilities, register
 from ...core.targets import name_matches, pattern_key, select_targets
-from .base import SPARSE_LAYERS, SparseDelta, count_for, weight_2d
+from .base import SPARSE_LAYERS, SparseDelta, count_for
 from ..lora import LoraConfig, LoraDelta
 
 
@@ -66,7 +66,7 @@ class SptSparse(SparseDelta):
     prefix = "spt"
 
     def __init__(self, base: nn.Module, config: SptConfig, path: str, bank=None) -> None:
-        w = weight_2d(base) if isinstance(base, SPARSE_LAYERS) else torch.zeros(1, 1)
+        w = layers.dense_weight(base) if isinstance(base, SPARSE_LAYERS) else torch.zeros(1, 1)
         key = pattern_key(config.allocation, path)
         k = config.allocation[key] if key else count_for(config.budget, w.numel())
         if k > w.numel():
@@ -95,7 +95,7 @@ def sensitivity(base: nn.Module, paths: list[str], batches: Iterable, loss_fn: C
     weights = {path: modules[path].weight for path in paths}
     for w in weights.values():
         w.requires_grad_(True)
-    scores = {path: torch.zeros_like(weight_2d(modules[path]), dtype=torch.float32) for path in paths}
+    scores = {path: torch.zeros_like(layers.dense_weight(modules[path]), dtype=torch.float32) for path in paths}
     try:
         for batch in batches:
             loss = loss_fn(base, batch)
