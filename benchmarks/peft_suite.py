@@ -46,8 +46,9 @@ def adapted(lib: str, model: str, method: str, seed: int = 0) -> torch.nn.Module
 
 
 def bound_step(model: str, b: dict):
-    """The bound: frozen model, forward + backward w.r.t. the input embeddings only."""
-    base = build(model)
+    """The bound: the frozen model in train mode (same dropout as the adapted ones), forward +
+    backward w.r.t. the input embeddings only."""
+    base = build(model).train()
     for p in base.parameters():
         p.requires_grad_(False)
 

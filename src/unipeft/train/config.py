@@ -99,7 +99,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 0
-    threads: int | None = None  # torch CPU threads per process; None: torch's default (all cores)
+    threads: int | None = None  # torch CPU threads per process; None: the physical cores available (train/threads.py)
     output_dir: str = "runs/unipeft"
 
     def __post_init__(self) -> None:

@@ -22,6 +22,7 @@ from .callbacks import TrainerCallback
 from .checkpoint import list_checkpoints
 from .config import RunConfig
 from .setup import RunParts, build_parts
+from .threads import apply_threads
 
 SUMMARY = "summary.json"
 
@@ -122,9 +123,8 @@ def train_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, sho
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
     acc = make_accelerator()
+    threads = apply_threads(cfg.threads, int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes)))
     if not acc.is_main_process:
         log = _silent
     checkpoint = _check_output(cfg, resume, overwrite)
@@ -147,7 +147,8 @@ def train_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, sho
         trainer.resume(checkpoint)
         log(f"resuming from {checkpoint.name} (step {trainer.state.step} of {trainer.max_steps})")
     log(f"{report.summary()}\ntrain/valid/test examples: {len(train_set)}/{len(valid_set)}/{len(test_set)}; "
-        f"{trainer.max_steps} steps of {cfg.batch_size} on {acc.num_processes} process(es)")
+        f"{trainer.max_steps} steps of {cfg.batch_size} on {acc.num_processes} process(es), "
+        f"{threads.threads} torch thread(s) each ({threads.reason})")
     try:
         summary = _finish(trainer, parts, cfg, report, trainer.fit(), test_set, acc, checkpoint is not None, started)
     except BaseException:
