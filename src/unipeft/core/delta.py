@@ -41,6 +41,8 @@ class Delta(nn.Module):
     # Two such deltas stacked at one site give the same output in either order, equal to merging
     # both (additive updates, scalings): the invariant suite checks stacking against that.
     commutes: ClassVar[bool] = False
+    # `fused_call(x)` may compute the site's whole output (base layer and this delta) in one step.
+    fuses_base: ClassVar[bool] = False
 
     def __init__(self, base: nn.Module, config, path: str, bank: nn.Module | None = None) -> None:
         super().__init__()
@@ -92,6 +94,13 @@ class Delta(nn.Module):
         Core calls it when every group's delta is of this class; return None to fall back to
         running each group's slice separately.
         """
+        return None
+
+    def fused_call(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The site's output, base layer included, for input `x`; None: use the plain path.
+
+        Core calls it (for classes with `fuses_base`) when this is the only delta applied at its
+        site and the base is called with `x` alone. It must equal `forward(x, base(x))`."""
         return None
 
     def pre(self, x: torch.Tensor) -> torch.Tensor:

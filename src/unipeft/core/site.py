@@ -55,6 +55,7 @@ class ForwardContext:
     grouping: Grouping | None = None
     version: int = 0  # bumped whenever the active set or any site's adapters change
     inputs: dict = field(default_factory=dict)  # this call's declared per-call inputs (e.g. task_ids)
+    scratch: dict = field(default_factory=dict)  # per-model caches of methods (e.g. LoRA's input groups)
 
 
 def run_with_params(module: nn.Module, params: dict[str, torch.Tensor], x, *args, **kwargs):
@@ -90,6 +91,7 @@ class AdaptedSite(nn.Module):
         self._inputs: list[Delta] = []
         self._weights: list[Delta] = []
         self._outputs: list[Delta] = []
+        self._fused: Delta | None = None  # the one delta that computes the whole output (Delta.fused_call)
 
     # ---- forward -----------------------------------------------------------------------
     def forward(self, x, *args, **kwargs):
@@ -100,11 +102,18 @@ class AdaptedSite(nn.Module):
             return self._forward_mixed(ctx.grouping, x, *args, **kwargs)
         if self._seen_version != ctx.version:
             self._resolve()
+        fused = self._fused
+        if fused is not None and not args and not kwargs:
+            out = fused.fused_call(x)
+            if out is not None:
+                return out
         return self._run(self._inputs, self._weights, self._outputs, x, *args, **kwargs)
 
     def _resolve(self) -> None:
         active = [self.deltas[n] for n in self._ctx.active if n in self.deltas and n not in self.merged]
         self._inputs, self._weights, self._outputs = self._by_kind(active)
+        only = self._outputs[0] if len(active) == 1 and self._outputs else None
+        self._fused = only if only is not None and type(only).fuses_base else None
         self._seen_version = self._ctx.version
 
     @staticmethod

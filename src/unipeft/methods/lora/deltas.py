@@ -13,6 +13,7 @@ from torch import nn
 from ...core import layers
 from ...core.delta import Delta
 from ...core.errors import TargetError
+from . import fused
 from .config import LoraConfig
 from .inits import InitContext, get_init
 from .variants import VARIANTS
@@ -72,6 +73,26 @@ class LoraLinear(LoraDelta):
         self.weight_dependent = self.variant.weight_dependent
         self.commutes = self.variant.commutes
         self.variant.setup(self)
+        # The fused function handles plain LoRA on dense Linear / transposed Conv1D weights.
+        self.fuses = self.variant.fusable and geo.kind in ("linear", "transposed")
+
+    fuses_base = True
+
+    def fused_call(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Base + LoRA through fused.py (one function per group of sites sharing `x`), or None."""
+        base = self.base
+        if (not self.fuses or x.dtype != self.lora_A.weight.dtype or base.weight.dtype != x.dtype
+                or base._forward_hooks or base._forward_pre_hooks or torch.compiler.is_compiling()):
+            return None
+        ctx = self._ctx
+        groups = ctx.scratch.get("lora.groups")
+        if groups is None:
+            groups = ctx.scratch["lora.groups"] = fused.Groups()
+        # Inference tensors keep no version counter, so a group could not tell an in-place change.
+        group = None if x.is_inference() else groups.lookup(self, x, ctx.version)
+        if group is not None:
+            return group.output(self, x)
+        return fused.run_members([fused.Member(self)], x)[0]
 
     def lora_weight(self) -> torch.Tensor:
         """B @ A, (out, in)."""

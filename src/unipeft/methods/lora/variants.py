@@ -21,6 +21,7 @@ class Variant:
     name: ClassVar[str] = "lora"
     weight_dependent: ClassVar[bool] = False  # delta_weight reads the base weight
     groupable: ClassVar[bool] = True  # mixed batches may batch it with the same variant
+    fusable: ClassVar[bool] = True  # fused.py's base + shrink + expand function computes it
     commutes: ClassVar[bool] = True  # additive: stacked deltas of this variant commute (see Delta.commutes)
 
     def setup(self, delta) -> None:
@@ -48,6 +49,7 @@ class DoRA(Variant):
     name = "dora"
     weight_dependent = True
     groupable = False
+    fusable = False
     commutes = False  # the magnitude renormalises whatever else the site adds
 
     def setup(self, delta) -> None:
