@@ -27,19 +27,28 @@ def median_time(fn: Callable[[], object], repeat: int, warmup: int = 2, inner: i
     return statistics.median(times)
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeat: int, warmup: int = 2, inner: int = 1) -> dict:
-    """Median times of several functions measured in alternation, so drift hits all of them alike."""
+def interleaved_samples(fns: dict[str, Callable[[], object]], repeat: int, warmup: int = 2,
+                        inner: int = 1) -> dict[str, list[float]]:
+    """Per-round times of several functions measured in alternation (round i times each once, mean of
+    `inner` calls); the order rotates every round so no function always runs right after the same one."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeat):
-        for key, fn in fns.items():
+    keys = list(fns)
+    samples: dict[str, list[float]] = {k: [] for k in keys}
+    for r in range(repeat):
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            fn = fns[key]
             t0 = time.perf_counter()
             for _ in range(inner):
                 fn()
             samples[key].append((time.perf_counter() - t0) / inner)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return samples
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeat: int, warmup: int = 2, inner: int = 1) -> dict:
+    """Median times of several functions measured in alternation, so drift hits all of them alike."""
+    return {k: statistics.median(v) for k, v in interleaved_samples(fns, repeat, warmup, inner).items()}
 
 
 def peak_rss_mb(module: str, args: list[str]) -> dict:

@@ -1,5 +1,6 @@
 """unipeft vs peft, side by side in one run: training step, memory, inference, mixed batches,
-adapter injection/loading and merging. Every figure is a ratio (ours vs peer vs bound)."""
+adapter injection/loading and merging. Every figure is a ratio (ours vs peer vs bound) with the
+paired-bootstrap band of benchmarks/stats.py; the per-round samples stay in the rows."""
 from __future__ import annotations
 
 import copy
@@ -12,15 +13,18 @@ import torch
 
 import unipeft as up
 
-from .common import interleaved, peak_rss_mb
+from .common import interleaved_samples, peak_rss_mb
 from .models import batch, build, loss_of
+from .stats import compare
 
 TARGETS = {  # per model: attention query/value, a feed-forward layer, the IA3 (k, v, ff) triple
     "minilm": {"qv": ["query", "value"], "ia3": ["key", "value", "output.dense"], "ff": ["output.dense"]},
     "tiny-gpt2": {"qv": ["c_attn"], "ia3": ["c_attn", "c_fc"], "ff": ["c_fc"]},
     "micro-gpt2": {"qv": ["c_attn"], "ia3": ["c_attn", "c_fc"], "ff": ["c_fc"]},
 }
-METHODS = ("lora_qv", "lora_all_linear", "dora", "ia3")
+TASK_TYPE = {"minilm": "SEQ_CLS", "tiny-gpt2": "CAUSAL_LM", "micro-gpt2": "CAUSAL_LM"}  # prompt methods need it
+METHODS = ("lora_qv", "lora_all_linear", "dora", "ia3", "prompt_tuning", "prefix_tuning")
+VIRTUAL_TOKENS = 16  # prompt and prefix tuning, both libraries
 
 
 def peft_config(model: str, method: str):
@@ -34,7 +38,20 @@ def peft_config(model: str, method: str):
         return peft.LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=t["qv"])
     if method == "ia3":
         return peft.IA3Config(target_modules=t["ia3"], feedforward_modules=t["ff"])
+    if method == "prompt_tuning":
+        return peft.PromptTuningConfig(task_type=TASK_TYPE[model], num_virtual_tokens=VIRTUAL_TOKENS)
+    if method == "prefix_tuning":
+        return peft.PrefixTuningConfig(task_type=TASK_TYPE[model], num_virtual_tokens=VIRTUAL_TOKENS)
     raise ValueError(method)
+
+
+def unipeft_config(cfg) -> up.AdapterConfig:
+    """Our config from the peer's dict. A fresh PEFT prompt config holds num_transformer_submodules=None
+    (PEFT fills in 1 at get_peft_model), which unipeft's from_dict rejects; the benchmark drops that key."""
+    data = cfg.to_dict()
+    if data.get("num_transformer_submodules", 0) is None:
+        del data["num_transformer_submodules"]
+    return up.AdapterConfig.from_dict(data)
 
 
 def adapted(lib: str, model: str, method: str, seed: int = 0) -> torch.nn.Module:
@@ -42,7 +59,7 @@ def adapted(lib: str, model: str, method: str, seed: int = 0) -> torch.nn.Module
     cfg = peft_config(model, method)
     if lib == "peft":
         return peft.get_peft_model(build(model, seed), cfg)
-    return up.adapt(build(model, seed), up.AdapterConfig.from_dict(cfg.to_dict()))
+    return up.adapt(build(model, seed), unipeft_config(cfg))
 
 
 def bound_step(model: str, b: dict):
@@ -58,7 +75,8 @@ def bound_step(model: str, b: dict):
     return step
 
 
-def _train_step(model: torch.nn.Module, b: dict):
+def train_step(model: torch.nn.Module, b: dict):
+    """One AdamW step of `model` on batch `b` (zero_grad, forward, backward, step) as a closure."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step() -> None:
@@ -68,42 +86,90 @@ def _train_step(model: torch.nn.Module, b: dict):
     return step
 
 
-def training_rows(model: str, size: int, seq: int, repeat: int, memory: bool) -> list[dict]:
-    """Step time (and peak memory) per method, for both libraries, relative to the bound."""
-    rows = []
+def error_text(exc: BaseException) -> str:
+    """What a failed measurement records instead of a figure."""
+    return f"{type(exc).__name__}: {str(exc)[:1500]}"
+
+
+def training_steps(model: str, b: dict, methods: tuple[str, ...] = METHODS) -> tuple[dict, dict]:
+    """{'bound' | '<lib>/<method>': step closure} (each run once, so a broken one is caught here) and {key: error}."""
+    steps, errors = {"bound": bound_step(model, b)}, {}
+    for method in methods:
+        for lib in ("unipeft", "peft"):
+            key = f"{lib}/{method}"
+            try:
+                steps[key] = train_step(adapted(lib, model, method).train(), b)
+                steps[key]()
+            except Exception as exc:  # noqa: BLE001 - one library failing a method is a result, not a crash
+                steps.pop(key, None)
+                errors[key] = error_text(exc)
+    return steps, errors
+
+
+def training_rows(model: str, size: int, seq: int, repeat: int, memory: bool,
+                  methods: tuple[str, ...] = METHODS) -> list[dict]:
+    """Step time per method, both libraries and the bound in ONE interleaved group (so every pair of
+    figures, e.g. DoRA vs LoRA q,v, is measured side by side), and peak memory in child processes."""
     b = batch(model, size, seq)
-    for method in METHODS:
-        steps = {"unipeft": _train_step(adapted("unipeft", model, method).train(), b),
-                 "peft": _train_step(adapted("peft", model, method).train(), b),
-                 "bound": bound_step(model, b)}
-        t = interleaved(steps, repeat)
+    steps, errors = training_steps(model, b, methods)
+    samples = interleaved_samples(steps, repeat)
+    rows = []
+    for method in methods:
+        u, p = samples.get(f"unipeft/{method}"), samples.get(f"peft/{method}")
         row = {"row": "train_step", "model": model, "method": method, "batch": size, "seq": seq,
-               "seconds": t, "unipeft_over_bound": t["unipeft"] / t["bound"],
-               "peft_over_bound": t["peft"] / t["bound"], "unipeft_over_peft": t["unipeft"] / t["peft"]}
+               "seconds": {k: statistics.median(v) for k, v in (("unipeft", u), ("peft", p),
+                                                                ("bound", samples["bound"])) if v},
+               "samples": {"unipeft": u, "peft": p, "bound": samples["bound"]},
+               "errors": {k: v for k, v in errors.items() if k.endswith("/" + method)}}
+        if u:
+            row["unipeft_over_bound"] = compare(u, samples["bound"])
+        if p:
+            row["peft_over_bound"] = compare(p, samples["bound"])
+        if u and p:
+            row["unipeft_over_peft"] = compare(u, p)
+        if method == "dora" and u and samples.get("unipeft/lora_qv"):
+            row["unipeft_over_unipeft_lora_qv"] = compare(u, samples["unipeft/lora_qv"])
         if memory:
             mem = {lib: peak_rss_mb("benchmarks.memprobe", ["--lib", lib, "--model", model, "--method", method,
                                                             "--batch", str(size), "--seq", str(seq)])["peak_mb"]
-                   for lib in ("unipeft", "peft", "bound")}
-            row.update(peak_mb=mem, mem_unipeft_over_peft=mem["unipeft"] / max(mem["peft"], 1e-9))
+                   for lib in ("unipeft", "peft", "bound") if lib == "bound" or f"{lib}/{method}" in steps}
+            row["peak_mb"] = mem
+            if "unipeft" in mem and "peft" in mem:
+                row["mem_unipeft_over_peft"] = mem["unipeft"] / max(mem["peft"], 1e-9)
         rows.append(row)
     return rows
 
 
+def _trained_like(m: torch.nn.Module) -> torch.nn.Module:
+    """Give every LoRA up-projection non-zero values, as after training (a zero adapter is a special case)."""
+    with torch.no_grad():
+        torch.manual_seed(1)
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return m
+
+
+def inference_models(model: str) -> dict[str, torch.nn.Module]:
+    """The base model and unmerged LoRA q,v (non-zero) of both libraries, in eval mode."""
+    return {"base": build(model).eval(), "unipeft": _trained_like(adapted("unipeft", model, "lora_qv")).eval(),
+            "peft": _trained_like(adapted("peft", model, "lora_qv")).eval()}
+
+
 def inference_rows(model: str, sizes: tuple[int, ...], seq: int, repeat: int) -> list[dict]:
-    """Unmerged LoRA inference latency overhead over the base model, both libraries."""
+    """Unmerged LoRA inference latency over the base model, both libraries."""
     rows = []
-    base = build(model).eval()
-    ours = adapted("unipeft", model, "lora_qv").eval()
-    theirs = adapted("peft", model, "lora_qv").eval()
+    models = inference_models(model)
     for size in sizes:
         b = batch(model, size, seq)
         with torch.inference_mode():
-            t = interleaved({k: (lambda m=m: m(**b)) for k, m in
-                             (("base", base), ("unipeft", ours), ("peft", theirs))}, repeat, inner=3)
-        over = {k: t[k] / t["base"] - 1 for k in ("unipeft", "peft")}
-        rows.append({"row": "inference_overhead", "model": model, "batch": size, "seq": seq, "seconds": t,
-                     "overhead": over, "unipeft_overhead_over_peft": over["unipeft"] / over["peft"]
-                     if over["peft"] > 0 else None})
+            s = interleaved_samples({k: (lambda m=m: m(**b)) for k, m in models.items()}, repeat, inner=3)
+        ours, theirs = compare(s["unipeft"], s["base"]), compare(s["peft"], s["base"])
+        rows.append({"row": "inference_overhead", "model": model, "batch": size, "seq": seq,
+                     "seconds": {k: statistics.median(v) for k, v in s.items()}, "samples": s,
+                     "unipeft_over_base": ours, "peft_over_base": theirs,
+                     "overhead": {"unipeft": ours["ratio"] - 1, "peft": theirs["ratio"] - 1},
+                     "unipeft_over_peft": compare(s["unipeft"], s["peft"])})
     return rows
 
 
@@ -114,64 +180,68 @@ def _with_adapters(lib: str, model: str, n: int):
         if lib == "peft":
             m.add_adapter(f"a{i}", copy.deepcopy(cfg))
         else:
-            m.add_adapter(f"a{i}", up.AdapterConfig.from_dict(cfg.to_dict()))
-    with torch.no_grad():  # distinct non-zero adapters, as after training
-        torch.manual_seed(1)
-        for name, p in m.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
-    return m.eval()
+            m.add_adapter(f"a{i}", unipeft_config(cfg))
+    return _trained_like(m).eval()  # distinct non-zero adapters, as after training
 
 
 def mixed_batch_rows(model: str, size: int, seq: int, n_adapters: int, repeat: int) -> list[dict]:
-    """Throughput with n adapters mixed in one batch vs the same batch on one adapter."""
+    """A batch whose rows use n different adapters, vs the base model alone (and peft, and one adapter)."""
     names = ["default"] + [f"a{i}" for i in range(1, n_adapters)]
     per_row = [names[i % n_adapters] for i in range(size)]
     b = batch(model, size, seq)
+    base = build(model).eval()
     ours, theirs = _with_adapters("unipeft", model, n_adapters), _with_adapters("peft", model, n_adapters)
     with torch.inference_mode():
-        t = interleaved({"unipeft_mixed": lambda: ours(**b, adapter_names=per_row),
-                         "peft_mixed": lambda: theirs(**b, adapter_names=per_row),
-                         "unipeft_single": lambda: ours(**b), "peft_single": lambda: theirs(**b)}, repeat)
+        s = interleaved_samples({"base": lambda: base(**b), "unipeft_mixed": lambda: ours(**b, adapter_names=per_row),
+                                 "peft_mixed": lambda: theirs(**b, adapter_names=per_row),
+                                 "unipeft_single": lambda: ours(**b)}, repeat)
     return [{"row": "mixed_batch", "model": model, "batch": size, "seq": seq, "adapters": n_adapters,
-             "seconds": t, "unipeft_throughput_over_peft": t["peft_mixed"] / t["unipeft_mixed"],
-             "unipeft_mixed_over_single": t["unipeft_mixed"] / t["unipeft_single"],
-             "peft_mixed_over_single": t["peft_mixed"] / t["peft_single"],
-             # the cost of mixing itself (mixed minus single-adapter time), which is what a library controls
-             "unipeft_mixing_cost_over_peft": _ratio(t["unipeft_mixed"] - t["unipeft_single"],
-                                                     t["peft_mixed"] - t["peft_single"])}]
+             "distinct_adapters_in_batch": len(set(per_row)),
+             "seconds": {k: statistics.median(v) for k, v in s.items()}, "samples": s,
+             "unipeft_mixed_over_base": compare(s["unipeft_mixed"], s["base"]),
+             "peft_mixed_over_base": compare(s["peft_mixed"], s["base"]),
+             "unipeft_mixed_over_peft_mixed": compare(s["unipeft_mixed"], s["peft_mixed"]),
+             "unipeft_mixed_over_single": compare(s["unipeft_mixed"], s["unipeft_single"])}]
 
 
-def _ratio(a: float, b: float) -> float | None:
-    """a / b, or None when b is not positive (a difference of medians can be noise-level)."""
-    return a / b if b > 0 else None
+def window(k: int, n: int, half: int = 2) -> tuple[int, int]:
+    """The adapters whose times stand for the k-th: k-half..k+half, clipped to the measured 2..n."""
+    return max(2, k - half), min(n, k + half)
 
 
-def _around(times: dict[int, float], k: int, half: int = 2) -> float:
-    """Median time of the adapters k-half..k+half: one ~ms call is too noisy to compare alone."""
-    return statistics.median(t for j, t in times.items() if abs(j - k) <= half)
+def window_label(w: tuple[int, int]) -> str:
+    """'adapters 48-50' for the window (48, 50)."""
+    return f"adapter {w[0]}" if w[0] == w[1] else f"adapters {w[0]}-{w[1]}"
 
 
 def inject_load_rows(model: str, n: int, marks: tuple[int, ...]) -> list[dict]:
-    """Time to inject (add_adapter) and to load (load_adapter) the k-th adapter, k in marks."""
+    """Time to inject (add_adapter) and to load (load_adapter) the k-th adapter, as the median over a window
+    of adapters around k (one ~ms call is too noisy alone): the last window's median over the first's."""
     cfg = peft_config(model, "lora_qv")
+    windows = {m: window(m, n) for m in marks}
     with tempfile.TemporaryDirectory() as tmp:
         adapted("peft", model, "lora_qv").save_pretrained(tmp)
         out = {}
         for lib in ("unipeft", "peft"):
             inj, load = adapted(lib, model, "lora_qv"), adapted(lib, model, "lora_qv")
             inject_t, load_t = {}, {}
-            for k in range(2, n + 1):
-                c = copy.deepcopy(cfg) if lib == "peft" else up.AdapterConfig.from_dict(cfg.to_dict())
+            for k in range(2, n + 1):  # adapter 1 is the one adapted() made
+                c = copy.deepcopy(cfg) if lib == "peft" else unipeft_config(cfg)
                 t0 = time.perf_counter()
                 inj.add_adapter(f"x{k}", c)
                 inject_t[k] = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 load.load_adapter(tmp, f"x{k}")
                 load_t[k] = time.perf_counter() - t0
-            out[lib] = {"inject": {m: _around(inject_t, m) for m in marks}, "load": {m: _around(load_t, m) for m in marks}}
+
+            def med(times: dict[int, float], w: tuple[int, int]) -> float:
+                return statistics.median(times[j] for j in range(w[0], w[1] + 1))
+            out[lib] = {"inject": {m: med(inject_t, windows[m]) for m in marks},
+                        "load": {m: med(load_t, windows[m]) for m in marks}}
     first, last = marks[0], marks[-1]
     return [{"row": "inject_load", "model": model, "marks": list(marks), "seconds": out,
+             "windows": {str(m): list(w) for m, w in windows.items()},
+             "label": f"median of {window_label(windows[last])} / median of {window_label(windows[first])}",
              "unipeft_last_over_first": {op: out["unipeft"][op][last] / out["unipeft"][op][first]
                                          for op in ("inject", "load")},
              "peft_last_over_first": {op: out["peft"][op][last] / out["peft"][op][first]

@@ -153,7 +153,8 @@ class AdapterConfig:
             name = reverse.get(key, key)
             if name in known:
                 kwargs[name] = cls._value_from_peft(name, value)
-            elif key in _INERT_PEFT_KEYS or (key in cls.peft_inert and value == cls.peft_inert[key]):
+            elif key in _INERT_PEFT_KEYS or (key in cls.peft_inert and value in (None, cls.peft_inert[key])):
+                # (None: PEFT fills some of these in only in get_peft_model, e.g. num_transformer_submodules)
                 continue
             elif key in cls.peft_inert or not _is_default_like(value):
                 supported = sorted(cls.peft_names.get(k, k) for k in known)

@@ -280,6 +280,7 @@ class AdaptedModel(nn.Module):
 
         Keyword inputs the active adapters declare (`call_inputs`, e.g. task_ids) are taken out of
         the call and held in the forward context for this call only."""
+        self._ctx.calls += 1
         names = self._call_input_names()
         if not names:
             return self._forward(args, kwargs, adapter_names)

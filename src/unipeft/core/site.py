@@ -56,6 +56,7 @@ class ForwardContext:
     version: int = 0  # bumped whenever the active set or any site's adapters change
     inputs: dict = field(default_factory=dict)  # this call's declared per-call inputs (e.g. task_ids)
     scratch: dict = field(default_factory=dict)  # per-model caches of methods (e.g. LoRA's input groups)
+    calls: int = 0  # top-level model calls so far (a checkpointed layer's recomputation is not one)
 
 
 def run_with_params(module: nn.Module, params: dict[str, torch.Tensor], x, *args, **kwargs):

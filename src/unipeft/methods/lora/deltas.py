@@ -75,6 +75,7 @@ class LoraLinear(LoraDelta):
         self.variant.setup(self)
         # The fused function handles plain LoRA on dense Linear / transposed Conv1D weights.
         self.fuses = self.variant.fusable and geo.kind in ("linear", "transposed")
+        object.__setattr__(self, "_alone", [fused.Member(self)] if self.fuses else [])
 
     fuses_base = True
 
@@ -89,10 +90,10 @@ class LoraLinear(LoraDelta):
         if groups is None:
             groups = ctx.scratch["lora.groups"] = fused.Groups()
         # Inference tensors keep no version counter, so a group could not tell an in-place change.
-        group = None if x.is_inference() else groups.lookup(self, x, ctx.version)
+        group = None if x.is_inference() else groups.lookup(self, x, ctx)
         if group is not None:
             return group.output(self, x)
-        return fused.run_members([fused.Member(self)], x)[0]
+        return fused.run_members(self._alone, x)[0]
 
     def lora_weight(self) -> torch.Tensor:
         """B @ A, (out, in)."""

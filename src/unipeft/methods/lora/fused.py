@@ -9,8 +9,8 @@ into one tensor (base and LoRA parts of every member), each small GEMM runs in t
 that BLAS handles fastest, and only the dropped-out input, the shrunk activations and the mask
 are saved (one copy for the whole group). With p = 0 nothing is masked or copied.
 
-Groups are learned, not guessed: during the first forward after the active adapters change,
-every eligible delta records the input object it was called with; when the next forward starts,
+Groups are learned, not guessed: during the first model call after the active adapters change,
+every eligible delta records the input object it was called with; when the next call starts,
 deltas that saw the same object form a group. At run time a member is served from its group's
 result only if it receives that very object at the same in-place version; anything else runs the
 single-site function, so a wrong guess costs time, never correctness.
@@ -163,27 +163,32 @@ class Group:
 
 
 class Groups:
-    """Per model: the learned groups, valid for one version of its forward context."""
+    """Per model: the learned groups, valid for one version of its forward context.
+
+    Learning spans one top-level model call (`calls`): recomputing a checkpointed layer during
+    its backward belongs to the same call, so it computes exactly what the original forward did."""
 
     def __init__(self) -> None:
         self.version = -1
+        self.learning_call = -1
         self.ready = False
         self.seen: dict[int, tuple[torch.Tensor, list]] = {}
         self.observed: set[int] = set()
         self.group_of: dict[int, Group] = {}
 
-    def lookup(self, delta, x: torch.Tensor, version: int) -> Group | None:
+    def lookup(self, delta, x: torch.Tensor, ctx) -> Group | None:
         """The group of `delta` (None: run alone); while learning, record the input it was given."""
-        if version != self.version:
+        if ctx.version != self.version:
             self.__init__()
-            self.version = version
+            self.version, self.learning_call = ctx.version, ctx.calls
         if self.ready:
             return self.group_of.get(id(delta))
-        if id(delta) in self.observed:  # a second forward has begun: freeze what the first one showed
+        if ctx.calls != self.learning_call:  # the next model call has begun: freeze what the last one showed
             self._freeze()
             return self.group_of.get(id(delta))
-        self.observed.add(id(delta))
-        self.seen.setdefault(id(x), (x, []))[1].append(delta)
+        if id(delta) not in self.observed:
+            self.observed.add(id(delta))
+            self.seen.setdefault(id(x), (x, []))[1].append(delta)
         return None
 
     def _freeze(self) -> None:

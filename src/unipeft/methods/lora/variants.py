@@ -54,21 +54,44 @@ class DoRA(Variant):
 
     def setup(self, delta) -> None:
         with torch.no_grad():
-            norm = self.weight_norm(delta, delta.lora_weight())
+            norm = self.weight_norm(delta)
         delta.lora_magnitude_vector = nn.Parameter(norm.clone())
 
     @staticmethod
-    def weight_norm(delta, lora_weight: torch.Tensor) -> torch.Tensor:
-        """Row norms of W + scaling * BA."""
-        w = layers.dense_weight(delta.base).to(lora_weight.dtype)
-        return torch.linalg.norm(w + delta.scaling * lora_weight, dim=1)
+    def weight_norm(delta) -> torch.Tensor:
+        """Row norms of W + s BA without forming BA (out x in):
+        ||w_i + s (BA)_i||^2 = ||w_i||^2 + 2 s <B_i, (W A^T)_i> + s^2 <B_i, (B A A^T)_i>.
+        W A^T comes from the base layer itself applied to the r rows of A (so a quantized base is
+        never dequantized per call); ||w_i||^2 is kept until the base weight changes, the whole
+        norm until A, B or the base weight change (every call in eval)."""
+        a, b, base = delta.lora_A.weight, delta.lora_B.weight, delta.base
+        weight = base.weight
+        key = (id(a), a._version, id(b), b._version, id(weight), weight._version)
+        cached = delta.__dict__.get("_dora_norm")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            rows = delta.__dict__.get("_dora_rows")
+            if rows is None or rows[0] != key[4:]:
+                w = layers.dense_weight(base).to(a.dtype)
+                rows = (key[4:], w.pow(2).sum(1))
+                object.__setattr__(delta, "_dora_rows", rows)
+            wa = base(a.to(weight.dtype if weight.is_floating_point() else a.dtype)).to(a.dtype)
+            if base.bias is not None:
+                wa = wa - base.bias.to(a.dtype)
+            s = delta.scaling
+            cross = (b * wa.t()).sum(1)
+            own = ((b @ (a @ a.t())) * b).sum(1)
+            norm = (rows[1] + 2 * s * cross + s * s * own).clamp_min(0).sqrt()
+        object.__setattr__(delta, "_dora_norm", (key, norm))
+        return norm
 
     def forward(self, delta, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         a, b = delta.lora_A.weight, delta.lora_B.weight
         h = delta.lora_dropout(x if x.dtype == a.dtype else x.to(a.dtype))
         lora_out = F.linear(F.linear(h, a), b)
         # The norm is detached (DoRA paper, sec. 4.3), as PEFT does.
-        norm = self.weight_norm(delta, delta.lora_weight().detach()).detach()
+        norm = self.weight_norm(delta)
         scale = delta.lora_magnitude_vector / norm
         if isinstance(delta.lora_dropout, nn.Identity) or not delta.training:
             plain = base_out if delta.base.bias is None else base_out - delta.base.bias
@@ -79,7 +102,7 @@ class DoRA(Variant):
     def delta_weight(self, delta) -> torch.Tensor:
         lora_w = delta.lora_weight() * delta.scaling
         w = layers.dense_weight(delta.base).to(lora_w.dtype)
-        scale = delta.lora_magnitude_vector / self.weight_norm(delta, delta.lora_weight())
+        scale = delta.lora_magnitude_vector / self.weight_norm(delta)
         return scale[:, None] * (w + lora_w) - w
 
 
