@@ -167,3 +167,28 @@ def test_gradient_checkpointing_recomputes_what_the_forward_did(reentrant):
         torch.testing.assert_close(out_f2, out_f, atol=0, rtol=0)  # same seed, same masks, same result
     assert model._ctx.scratch["lora.groups"].ready
     assert all(g.abs().sum() > 0 for g in grads_f.values())
+
+
+def test_mixed_batch_stacks_follow_weight_changes():
+    model = up.adapt(build("bert"), up.LoraConfig(r=4, target_modules=["query", "value"]))
+    model.add_adapter("other", up.LoraConfig(r=4, alpha=16, target_modules=["query", "value"]))
+    randomise_b(model)
+    model.eval()
+    batch = inputs("bert")
+    names = ["other", "default", "other", "default"]
+
+    def per_row():
+        rows = []
+        for i, name in enumerate(names):
+            model.set_adapter(name)
+            rows.append(model(input_ids=batch["input_ids"][i:i + 1]).logits)
+        return torch.cat(rows)
+
+    with torch.no_grad():
+        first = model(**batch, adapter_names=names).logits
+        torch.testing.assert_close(first, per_row(), atol=1e-5, rtol=1e-5)
+        for d in model.deltas("other"):
+            d.lora_B.weight.mul_(3)  # in place: the cached stacks must notice
+        second = model(**batch, adapter_names=names).logits
+        assert (second - first).abs().max() > 1e-3
+        torch.testing.assert_close(second, per_row(), atol=1e-5, rtol=1e-5)

@@ -104,19 +104,42 @@ class LoraLinear(LoraDelta):
 
     @classmethod
     def forward_grouped(cls, deltas, x, base_out, row_group):
-        """Plain LoRA of equal rank in every group: two batched matmuls with per-row A and B."""
+        """Plain LoRA of equal rank in every group: per-row A and B gathered from one stack, two
+        batched matmuls, the expand accumulated into the base output (in place without autograd)."""
         live = [d for d in deltas if d is not None]
         r = live[0].r
         if any(not d.variant.groupable or d.r != r or (d.training and not isinstance(d.lora_dropout, nn.Identity))
                for d in live) or x.dtype != live[0].lora_A.weight.dtype:
             return None
-        a0, b0 = live[0].lora_A.weight, live[0].lora_B.weight
-        a = torch.stack([torch.zeros_like(a0) if d is None else d.lora_A.weight for d in deltas])
-        b = torch.stack([torch.zeros_like(b0) if d is None else d.lora_B.weight * d.scaling for d in deltas])
+        grad = torch.is_grad_enabled() and any(d.lora_A.weight.requires_grad for d in live)
+        a, bt = cls._stacks(deltas, live[0]) if not grad else cls._stack(deltas, live[0])
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])
-        h = torch.bmm(x3, a[row_group].transpose(1, 2))
-        y = torch.bmm(h, b[row_group].transpose(1, 2)).reshape(base_out.shape)
-        return base_out + y.to(base_out.dtype)
+        h = torch.bmm(x3, a.index_select(0, row_group).transpose(1, 2))
+        out3 = base_out.view(x.shape[0], -1, base_out.shape[-1])
+        bt_rows = bt.index_select(0, row_group).to(h.dtype)
+        if grad or base_out.dtype != h.dtype:
+            return (out3 + torch.bmm(h, bt_rows).to(base_out.dtype)).view(base_out.shape)
+        return out3.baddbmm_(h, bt_rows).view(base_out.shape)
+
+    @staticmethod
+    def _stack(deltas, first) -> tuple[torch.Tensor, torch.Tensor]:
+        """(groups, r, in) A and (groups, r, out) scaled B^T; zeros for rows with no delta."""
+        a0, b0 = first.lora_A.weight, first.lora_B.weight
+        a = torch.stack([torch.zeros_like(a0) if d is None else d.lora_A.weight for d in deltas])
+        bt = torch.stack([torch.zeros_like(b0.t()) if d is None else (d.lora_B.weight * d.scaling).t() for d in deltas])
+        return a, bt
+
+    @classmethod
+    def _stacks(cls, deltas, first) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_stack` without autograd, kept on `first` until a weight or the grouping changes."""
+        key = tuple((0, 0) if d is None else (id(d), d.lora_A.weight._version, d.lora_B.weight._version,
+                                              d.scaling) for d in deltas)
+        cached = first.__dict__.get("_grouped_stack")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, *cls._stack(deltas, first))
+            object.__setattr__(first, "_grouped_stack", cached)
+        return cached[1], cached[2]
 
     def delta_weight(self) -> dict[str, torch.Tensor]:
         return {"weight": layers.to_param_layout(self.base, self.variant.delta_weight(self))}
