@@ -275,12 +275,26 @@ class AdaptedModel(nn.Module):
             p.requires_grad_(self._base_requires_grad.get(n, p.requires_grad))
 
     # ---- forward ---------------------------------------------------------------------------
+    def warm_up(self, *args, **kwargs) -> None:
+        """One forward on example inputs without gradients, dropout or RNG use, so that per-model call
+        caches (LoRA's groups of sites that share an input) are in place before the first real
+        call: a run's first training step then computes the way every later one does, and a
+        resumed run the way the uninterrupted one did. Train/eval mode and the RNG are unchanged."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                self(*args, **kwargs)
+        finally:
+            self.train(was_training)
+
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """Run the base model with the active adapters, or one adapter per row (`adapter_names`).
 
         Keyword inputs the active adapters declare (`call_inputs`, e.g. task_ids) are taken out of
         the call and held in the forward context for this call only."""
-        self._ctx.calls += 1
+        if not torch.compiler.is_compiling():  # traced, a count that changes per call recompiles per call
+            self._ctx.calls += 1
         names = self._call_input_names()
         if not names:
             return self._forward(args, kwargs, adapter_names)

@@ -1,7 +1,9 @@
 """Checkpoints for exact resumption: trainable tensors, optimizer, scheduler, RNG, loop position.
 
 A checkpoint folder is written under a temporary name and renamed when complete, so a
-crash while saving never leaves a checkpoint that looks usable.
+crash while saving never leaves a checkpoint that looks usable. Under FSDP every tensor is
+gathered whole before it is written and cut again when read, so a checkpoint has one format
+whatever the process count or strategy that wrote it.
 """
 from __future__ import annotations
 
@@ -19,13 +21,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.errors import ConfigError
+from .fsdp import full_optimizer_state, full_tensor, is_fsdp, reshard, shard_like, shard_optimizer_state
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable parameter by its name in `model` (cloned to CPU)."""
-    return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Every trainable parameter by its name in `model` (whole, cloned to CPU; FSDP: every process must call)."""
+    return {n: full_tensor(p.detach()).to("cpu").contiguous().clone()
+            for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -37,7 +41,7 @@ def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
                           f"was the config changed since the checkpoint was written?")
     with torch.no_grad():
         for n, p in params.items():
-            p.copy_(tensors[n].to(p.dtype))
+            p.copy_(shard_like(tensors[n], p))  # FSDP: this process's shard of the whole tensor
 
 
 def rng_state() -> dict[str, Any]:
@@ -76,9 +80,15 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: Any, sch
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    sharded = is_fsdp(model)
+    if sharded:
+        reshard(model)  # the registered parameters are then the shards the optimizer holds
+    if main or sharded:  # FSDP: gathering the shards takes every process
+        tensors = trainable_state(model)
+        optim = full_optimizer_state(optimizer.state_dict()) if sharded else optimizer.state_dict()
     if main:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        save_file(tensors, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(),
                     "callbacks": callbacks}, tmp / "optimizer.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "world_size": accelerator.num_processes},
                                                            indent=2) + "\n")
@@ -101,9 +111,12 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, scheduler: Any
         rng_file = path / "rng-0.pt"
     else:
         rng_file = path / f"rng-{accelerator.process_index}.pt"
+    if is_fsdp(model):
+        reshard(model)  # write into the shards the optimizer holds, not into gathered copies
     load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
     blob = torch.load(path / "optimizer.pt", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
+    optim = shard_optimizer_state(blob["optimizer"], optimizer) if is_fsdp(model) else blob["optimizer"]
+    optimizer.load_state_dict(optim)
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(torch.load(rng_file, weights_only=False))
     return state, blob["callbacks"]

@@ -78,6 +78,15 @@ class ScheduleConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How the processes of a multi-process launch share the work."""
+
+    # ddp: every process holds the whole model; fsdp: the model's parameters are sharded over the
+    # processes (train/fsdp.py); auto: fsdp when the launch asks for it (accelerate launch --use_fsdp).
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+
+
+@dataclass
 class RunConfig:
     """Everything one training run needs; `unipeft train CONFIG.yaml` reads this from YAML."""
 
@@ -100,6 +109,7 @@ class RunConfig:
     log_every: int = 10
     seed: int = 0
     threads: int | None = None  # torch CPU threads per process; None: the physical cores available (train/threads.py)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     output_dir: str = "runs/unipeft"
 
     def __post_init__(self) -> None:

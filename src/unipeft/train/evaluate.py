@@ -36,20 +36,34 @@ def _gather(obj: list, accelerator: Any) -> list:
     return gather_object(obj)
 
 
+def _lockstep(batches: list[list[int]], lengths: Any, batch_size: int, world: int) -> list[list[int]]:
+    """`batches` padded with repeats of its last one (row 0 if empty) to the most any process has."""
+    most = max(len(eval_batches(lengths, batch_size, r, world)) for r in range(world))
+    return batches + [batches[-1] if batches else [0]] * (most - len(batches))
+
+
 @torch.no_grad()
 def predict_rows(model: nn.Module, data: EncodedSet, task: str, batch_size: int, pad_id: int,
-                 accelerator: Any = None) -> list[tuple[int, float, int, int]]:
-    """(index, loss sum, predicted class or correct-token count, weight) per example, over all processes."""
+                 accelerator: Any = None, lockstep: bool = False) -> list[tuple[int, float, int, int]]:
+    """(index, loss sum, predicted class or correct-token count, weight) per example, over all processes.
+
+    `lockstep` (FSDP: every forward gathers parameters from all processes): each process runs as
+    many forwards as the busiest one; the extra ones are discarded.
+    """
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
     device = accelerator.device if accelerator is not None else torch.device("cpu")
     was_training = model.training
     model.eval()
     out: list[tuple[int, float, int, int]] = []
+    mine = eval_batches(data.lengths, batch_size, rank, world)
+    runs = _lockstep(mine, data.lengths, batch_size, world) if lockstep and len(data) else mine
     try:
-        for idx in eval_batches(data.lengths, batch_size, rank, world):
+        for n, idx in enumerate(runs):
             batch = {k: v.to(device) for k, v in collate([data.rows[i] for i in idx], pad_id).items()}
             logits = model(**model_inputs(batch)).logits
+            if n >= len(mine):
+                continue  # a lockstep forward: its rows belong to another batch
             losses = loss_terms(task, logits, batch["labels"])
             if task == "classification":
                 preds = logits.argmax(-1).tolist()
@@ -80,8 +94,8 @@ def metrics_from_rows(task: str, rows: list[tuple[int, float, int, int]], labels
 
 
 def evaluate(model: nn.Module, data: EncodedSet, task: str, batch_size: int, pad_id: int,
-             num_labels: int = 0, accelerator: Any = None) -> dict[str, float]:
-    """Metrics of `model` on an encoded split (every process gets the same numbers)."""
-    rows = predict_rows(model, data, task, batch_size, pad_id, accelerator)
+             num_labels: int = 0, accelerator: Any = None, lockstep: bool = False) -> dict[str, float]:
+    """Metrics of `model` on an encoded split (every process gets the same numbers; lockstep: see predict_rows)."""
+    rows = predict_rows(model, data, task, batch_size, pad_id, accelerator, lockstep)
     labels = [r["labels"] for r in data.rows] if task == "classification" else None
     return metrics_from_rows(task, rows, labels, num_labels)

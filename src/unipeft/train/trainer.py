@@ -3,8 +3,8 @@
 Exactness across process counts: every optimizer step takes one *global* batch (a pure
 function of seed and epoch), cut into world_size x grad_accum contiguous micro-batches.
 Each process backpropagates its summed loss x world_size / (total weight of the global
-batch); DDP averages gradients over processes, so every run computes the gradient of the
-global mean loss whatever its process count.
+batch); DDP averages gradients over processes (FSDP reduce-scatters their mean), so every run
+computes the gradient of the global mean loss whatever its process count and strategy.
 """
 from __future__ import annotations
 
@@ -18,12 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.model import AdaptedModel
 from ..data.batching import epoch_batches, micro_batches
 from ..data.encode import EncodedSet, collate
 from ..data.splits import DataError
 from .callbacks import CallbackList, TrainContext, TrainerCallback, method_callbacks
 from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluate import evaluate, loss_terms, model_inputs
+from .fsdp import clip_grad_norm_, is_fsdp, no_grad_sync
 from .progress import MetricsLog, Progress
 
 
@@ -76,7 +78,9 @@ class Trainer:
         self.cfg, self.train_set, self.valid_set = cfg, train_set, valid_set
         self.acc, self.pad_id, self.num_labels = accelerator, pad_id, num_labels
         self.unwrapped = model
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        # A model sharded by fsdp.shard_model is used as it is (accelerate would wrap it in DDP).
+        self.fsdp = is_fsdp(model)
+        self.model, self.optimizer = (model, optimizer) if self.fsdp else accelerator.prepare(model, optimizer)
         self.scheduler = scheduler  # not prepared: accelerate would step it once per process
         self.callbacks = CallbackList(method_callbacks(model) + list(callbacks or []))
         self.run_dir = run_dir
@@ -103,7 +107,7 @@ class Trainer:
         for k, idx in enumerate(chunks):
             tensors = {n: t.to(acc.device) for n, t in collate([data.rows[i] for i in idx], self.pad_id).items()}
             sync = k == len(chunks) - 1
-            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+            with contextlib.nullcontext() if sync else self._no_sync():
                 logits = self.model(**model_inputs(tensors)).logits
                 loss_sum = loss_terms(self.cfg.task, logits, tensors["labels"]).sum()
                 acc.backward(loss_sum * scale)
@@ -111,7 +115,8 @@ class Trainer:
         grad_norm = None
         if self.cfg.max_grad_norm is not None:
             params = [p for p in self.unwrapped.parameters() if p.requires_grad]
-            grad_norm = float(acc.clip_grad_norm_(params, self.cfg.max_grad_norm))
+            clip = clip_grad_norm_ if self.fsdp else acc.clip_grad_norm_
+            grad_norm = float(clip(params, self.cfg.max_grad_norm))
         self.callbacks.on_before_optimizer_step(self.ctx)
         self.optimizer.step()
         self.scheduler.step()
@@ -119,11 +124,24 @@ class Trainer:
         loss = float(acc.reduce(local, reduction="sum")) / total_weight
         return loss, grad_norm
 
+    def _warm_up(self) -> None:
+        """Fill the adapted model's call caches (AdaptedModel.warm_up) from two training rows, so the
+        first step computes like every later one, and a resumed run like the uninterrupted one."""
+        model, rows = self.unwrapped, self.train_set.rows
+        if not isinstance(model, AdaptedModel) or not rows:
+            return
+        tensors = collate([rows[i] for i in range(min(2, len(rows)))], self.pad_id)
+        model.warm_up(**model_inputs({n: t.to(self.acc.device) for n, t in tensors.items()}))
+
+    def _no_sync(self) -> Any:
+        """Context of a micro-batch whose gradients are accumulated without communication."""
+        return no_grad_sync(self.model) if self.fsdp else self.acc.no_sync(self.model)
+
     # ---- evaluation / checkpoints -----------------------------------------------------------
     def evaluate(self, data: EncodedSet) -> dict[str, float]:
-        """Metrics on `data`, computed across all processes."""
+        """Metrics on `data`, computed across all processes (FSDP: in lockstep, as forwards gather weights)."""
         return evaluate(self.model, data, self.cfg.task, self.cfg.eval_batch_size, self.pad_id, self.num_labels,
-                        self.acc)
+                        self.acc, lockstep=self.fsdp)
 
     def _eval_valid(self, progress: Progress) -> None:
         if self.valid_set is None or len(self.valid_set) == 0:
@@ -156,6 +174,7 @@ class Trainer:
         """Train until max_steps; evaluate, log and checkpoint at the configured intervals."""
         cfg, st, ctx = self.cfg, self.state, self.ctx
         ctx.step, ctx.epoch = st.step, st.epoch
+        self._warm_up()
         self.callbacks.on_train_begin(ctx)
         progress = Progress(self.max_steps, st.step, self.show_progress)
         window_loss = window_w = 0.0
