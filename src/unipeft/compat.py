@@ -15,6 +15,7 @@ from .interop.peft import apply_task_type
 from .methods.full_copy import LNTuningConfig as _LNTuning
 from .methods.ia3 import IA3Config as _IA3
 from .methods.lora import LoraConfig as _Lora
+from .methods.lora import hotswap as _hotswap
 from .methods.prefix import PrefixTuningConfig as _Prefix
 from .methods.prompts import PromptTuningConfig as _Prompt
 from .methods.prompts import PTuningConfig as _PTuning
@@ -82,5 +83,17 @@ class PeftModel:
         return AdaptedModel.from_pretrained(model, model_id, adapter_name, is_trainable)
 
 
+def prepare_model_for_compiled_hotswap(model: AdaptedModel, *, target_rank: int | None = None, **_: Any) -> None:
+    """PEFT's name: up.prepare_hotswap for every LoRA adapter of `model` (before torch.compile)."""
+    for name, config in list(model.peft_config.items()):
+        if isinstance(config, _Lora):
+            _hotswap.prepare_hotswap(model, target_rank, name)
+
+
+def hotswap_adapter(model: nn.Module, model_name_or_path: str, adapter_name: str, **_: Any) -> None:
+    """PEFT's name: up.hotswap_adapter (a prepared model; the adapter folder must be local)."""
+    _hotswap.hotswap_adapter(model, model_name_or_path, adapter_name)
+
+
 __all__ = ["IA3Config", "LNTuningConfig", "LoraConfig", "PeftModel", "PrefixTuningConfig", "PromptEncoderConfig",
-           "PromptTuningConfig", "TaskType", "get_peft_model"]
+           "PromptTuningConfig", "TaskType", "get_peft_model", "hotswap_adapter", "prepare_model_for_compiled_hotswap"]

@@ -33,8 +33,12 @@ def test_local_processes_share_the_cores(tmp_path):
 def test_busy_machine_falls_back_with_a_warning(tmp_path):
     sysfs = fake_topology(tmp_path, {i: i for i in range(8)})
     choice = default_threads(load=6.0, cpus=list(range(8)), sysfs=sysfs)
-    assert choice.threads == 2 and "load average 6.0" in choice.warning
+    assert choice.threads == 3 and "load average 6.0" in choice.warning  # 8 - 6 free, + 1 for our own start-up
     assert default_threads(load=20.0, cpus=list(range(8)), sysfs=sysfs).threads == 1
+    # start-up noise is not a busy machine: load 0.8 on 2 CPUs keeps both threads
+    two = fake_topology(sysfs / "two", {0: 0, 1: 1})
+    assert default_threads(load=0.8, cpus=[0, 1], sysfs=two) == default_threads(load=0.0, cpus=[0, 1], sysfs=two)
+    assert default_threads(load=2.1, cpus=[0, 1], sysfs=two).threads == 1
 
 
 def test_affinity_of_this_process_is_read():

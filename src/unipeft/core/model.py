@@ -12,7 +12,9 @@ from .config import AdapterConfig
 from .delta import Delta
 from .errors import ConfigError, MergeError
 from .injection import plan_injection
+from . import state
 from .registry import method_for_config
+from .report import trainable_report
 from .site import BASE_NAME, AdaptedSite, ForwardContext, Grouping
 
 
@@ -210,12 +212,7 @@ class AdaptedModel(nn.Module):
         if safe_merge:  # check everything before writing anything
             for site in sites:
                 for n in names:
-                    if n in site.deltas and n not in site.merged:
-                        _, new = site.merged_params(n)
-                        bad = [k for k, t in new.items() if not torch.isfinite(t).all()]
-                        if bad:
-                            raise MergeError(f"merging adapter '{n}' into '{site.path}' gives non-finite "
-                                             f"values in {bad}; the base weights were left unchanged")
+                    site.check_finite_merge(n)
         for site in sites:
             for n in site.merge_order(names):
                 site.merge(n)
@@ -276,10 +273,8 @@ class AdaptedModel(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------
     def warm_up(self, *args, **kwargs) -> None:
-        """One forward on example inputs without gradients, dropout or RNG use, so that per-model call
-        caches (LoRA's groups of sites that share an input) are in place before the first real
-        call: a run's first training step then computes the way every later one does, and a
-        resumed run the way the uninterrupted one did. Train/eval mode and the RNG are unchanged."""
+        """One forward on example inputs with no gradient, dropout or RNG use, filling per-model call
+        caches (LoRA's input groups) so the first real call computes like every later one."""
         was_training = self.training
         self.eval()
         try:
@@ -370,37 +365,31 @@ class AdaptedModel(nn.Module):
     # ---- PEFT-familiar reporting -------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameter counts."""
-        from .report import trainable_report
         rep = trainable_report(self)
         return rep.trainable, rep.total
 
     def print_trainable_parameters(self) -> None:
         """Print PEFT's one-line trainable-parameter summary."""
-        from .report import trainable_report
         print(trainable_report(self).summary())
 
     # ---- persistence (see state.py) ---------------------------------------------------------
     def save_pretrained(self, save_directory: str | Path, adapter_names: list[str] | None = None) -> None:
         """Write each adapter in PEFT's format ('default' at the top, others in sub-folders)."""
-        from .state import save_adapters
-        save_adapters(self, save_directory, adapter_names)
+        state.save_adapters(self, save_directory, adapter_names)
 
     def load_adapter(self, directory: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
         """Add an adapter read from `directory`; a failed load leaves the model unchanged."""
-        from .state import load_adapter
-        load_adapter(self, directory, adapter_name, is_trainable)
+        state.load_adapter(self, directory, adapter_name, is_trainable)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | Path, adapter_name: str = "default",
                         is_trainable: bool = False) -> "AdaptedModel":
         """Adapt `base_model` with the adapter saved in `directory`; the base is untouched on failure."""
-        from .state import from_pretrained
-        return from_pretrained(cls, base_model, directory, adapter_name, is_trainable)
+        return state.from_pretrained(cls, base_model, directory, adapter_name, is_trainable)
 
     def adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
         """The adapter's tensors under their on-disk (PEFT) names."""
-        from .state import adapter_state_dict
-        return adapter_state_dict(self, adapter_name)
+        return state.adapter_state_dict(self, adapter_name)
 
 
 def adapt(base_model: nn.Module, config: AdapterConfig, adapter_name: str = "default",

@@ -101,6 +101,10 @@ class AdaptedSite(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if ctx.grouping is not None:
             return self._forward_mixed(ctx.grouping, x, *args, **kwargs)
+        if torch.compiler.is_compiling():
+            # Traced: neither read nor write the resolved cache, or its state becomes guards (one
+            # more compile after the first call, and after any eager call that refreshes it).
+            return self._compose(self._active(), x, *args, **kwargs)
         if self._seen_version != ctx.version:
             self._resolve()
         fused = self._fused
@@ -110,11 +114,16 @@ class AdaptedSite(nn.Module):
                 return out
         return self._run(self._inputs, self._weights, self._outputs, x, *args, **kwargs)
 
+    def _active(self) -> list[Delta]:
+        return [self.deltas[n] for n in self._ctx.active if n in self.deltas and n not in self.merged]
+
     def _resolve(self) -> None:
-        active = [self.deltas[n] for n in self._ctx.active if n in self.deltas and n not in self.merged]
+        active = self._active()
         self._inputs, self._weights, self._outputs = self._by_kind(active)
         only = self._outputs[0] if len(active) == 1 and self._outputs else None
-        self._fused = only if only is not None and type(only).fuses_base else None
+        # A plain attribute: assigned normally, the delta would become a second child module
+        # (twice in state_dict, and a change of the module tree that compiled guards check).
+        object.__setattr__(self, "_fused", only if only is not None and type(only).fuses_base else None)
         self._seen_version = self._ctx.version
 
     @staticmethod
@@ -190,6 +199,15 @@ class AdaptedSite(nn.Module):
             new = {k: current[k] + v.to(current[k].dtype) for k, v in dw.items()}
         return dw, new
 
+    def check_finite_merge(self, name: str) -> None:
+        """MergeError if merging adapter `name` here (if held and not merged) gives non-finite weights."""
+        if name not in self.deltas or name in self.merged:
+            return
+        bad = [k for k, t in self.merged_params(name)[1].items() if not torch.isfinite(t).all()]
+        if bad:
+            raise MergeError(f"merging adapter '{name}' into '{self.path}' gives non-finite values in "
+                             f"{bad}; the base weights were left unchanged")
+
     def merge_order(self, names: list[str]) -> list[str]:
         """Those of `names` held here, in the order whose merges reproduce forward: weight-side
         deltas first (forward runs the base with them), then input-side, then output-side (forward
@@ -202,12 +220,9 @@ class AdaptedSite(nn.Module):
         """Add adapter `name`'s delta into the base weights (safe: refuse non-finite results first)."""
         if name in self.merged or name not in self.deltas:
             return
-        dw, new = self.merged_params(name)
         if safe:
-            bad = [k for k, t in new.items() if not torch.isfinite(t).all()]
-            if bad:
-                raise MergeError(f"merging adapter '{name}' into '{self.path}' gives non-finite values in "
-                                 f"{bad}; the base weights were left unchanged")
+            self.check_finite_merge(name)
+        dw, new = self.merged_params(name)
         base = self.base_layer
         snaps = {k: layers.snapshot_param(base, k) for k in new if layers.is_packed(base, k)}
         if snaps:

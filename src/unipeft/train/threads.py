@@ -5,7 +5,7 @@ count: containers and `taskset` restrict it), shared among the processes of a la
 machine. Hyper-threads of one core share its vector units, so a second thread per core adds
 contention, not speed, to a GEMM-bound step. When the machine is already busy (the 1-minute load
 average of other work leaves fewer free cores than that), the default drops to the free ones
-and says so: threads that wait for each other on an oversubscribed machine run slower than
+and says so (one CPU of the load is taken to be this process's own start-up): threads that wait for each other on an oversubscribed machine run slower than
 fewer threads would.
 """
 from __future__ import annotations
@@ -59,8 +59,8 @@ def default_threads(local_processes: int = 1, load: float | None = None,
             load = os.getloadavg()[0]
         except OSError:
             load = 0.0
-    # This launch's own processes are not yet running when the default is chosen (or count as one).
-    free = int(len(cpus) - load + 0.5)
+    # Free CPUs, rounded up by one: the load average may include this process's own start-up.
+    free = int(len(cpus) - load + 1.0)
     if free < cores:
         fallback = max(1, free // max(1, local_processes))
         if fallback < share:

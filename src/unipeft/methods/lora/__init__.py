@@ -1,12 +1,16 @@
-"""The LoRA family: config, layer deltas, variants (strategies) and inits (registered functions)."""
+"""The LoRA family: config, layer deltas, variants (strategies), inits (registered functions) and
+hot-swapping into compiled models (hotswap.py)."""
 from ...core.registry import Capabilities, register
 from .config import LoraConfig
 from .deltas import LAYERS, LoraConv, LoraDelta, LoraEmbedding, LoraLinear
+from .hotswap import hotswap_adapter, hotswap_adapter_from_state, prepare_hotswap
 from .inits import INITS, InitContext, InitResult, register_init
 from .variants import VARIANTS, Variant, register_variant
 
 register("lora", LoraConfig, LoraDelta, Capabilities(mergeable=True, mixed_batch=True, layer_types=LAYERS,
-                                                     quantized_base=True, peft_compatible=True))
+                                                     quantized_base=True, peft_compatible=True),
+         exports=(prepare_hotswap, hotswap_adapter, hotswap_adapter_from_state))
 
 __all__ = ["INITS", "InitContext", "InitResult", "LoraConfig", "LoraConv", "LoraDelta", "LoraEmbedding",
-           "LoraLinear", "VARIANTS", "Variant", "register_init", "register_variant"]
+           "LoraLinear", "VARIANTS", "Variant", "hotswap_adapter", "hotswap_adapter_from_state", "prepare_hotswap",
+           "register_init", "register_variant"]

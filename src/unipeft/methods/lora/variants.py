@@ -33,8 +33,10 @@ class Variant:
         h = delta.lora_dropout(x if x.dtype == a.dtype else x.to(a.dtype))
         if h.dtype == base_out.dtype:
             # One fused op for "B-projection, scale, add": addmm(base, hA, B^T, alpha=scaling).
-            out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), F.linear(h, a).reshape(-1, delta.r),
-                              b.t(), alpha=delta.scaling)
+            ha, s = F.linear(h, a).reshape(-1, delta.r), delta.scaling
+            if isinstance(s, torch.Tensor):  # hot-swappable (hotswap.py): scale the r-wide activations
+                ha, s = ha * s, 1
+            out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), ha, b.t(), alpha=s)
             return out.view(base_out.shape)
         return base_out + (F.linear(F.linear(h, a), b) * delta.scaling).to(base_out.dtype)
 
@@ -65,6 +67,10 @@ class DoRA(Variant):
         never dequantized per call); ||w_i||^2 is kept until the base weight changes, the whole
         norm until A, B or the base weight change (every call in eval)."""
         a, b, base = delta.lora_A.weight, delta.lora_B.weight, delta.base
+        if torch.compiler.is_compiling():
+            # Traced: no cache (version counters cannot be traced); the graph computes the norm.
+            with torch.no_grad():
+                return DoRA._norm(delta, layers.dense_weight(base).to(a.dtype).pow(2).sum(1))
         weight = base.weight
         key = (id(a), a._version, id(b), b._version, id(weight), weight._version)
         cached = delta.__dict__.get("_dora_norm")
@@ -76,15 +82,22 @@ class DoRA(Variant):
                 w = layers.dense_weight(base).to(a.dtype)
                 rows = (key[4:], w.pow(2).sum(1))
                 object.__setattr__(delta, "_dora_rows", rows)
-            wa = base(a.to(weight.dtype if weight.is_floating_point() else a.dtype)).to(a.dtype)
-            if base.bias is not None:
-                wa = wa - base.bias.to(a.dtype)
-            s = delta.scaling
-            cross = (b * wa.t()).sum(1)
-            own = ((b @ (a @ a.t())) * b).sum(1)
-            norm = (rows[1] + 2 * s * cross + s * s * own).clamp_min(0).sqrt()
+            norm = DoRA._norm(delta, rows[1])
         object.__setattr__(delta, "_dora_norm", (key, norm))
         return norm
+
+    @staticmethod
+    def _norm(delta, row_sq: torch.Tensor) -> torch.Tensor:
+        """The row norms from ||w_i||^2 (`row_sq`), uncached (see `weight_norm`)."""
+        a, b, base = delta.lora_A.weight, delta.lora_B.weight, delta.base
+        weight = base.weight
+        wa = base(a.to(weight.dtype if weight.is_floating_point() else a.dtype)).to(a.dtype)
+        if base.bias is not None:
+            wa = wa - base.bias.to(a.dtype)
+        s = delta.scaling
+        cross = (b * wa.t()).sum(1)
+        own = ((b @ (a @ a.t())) * b).sum(1)
+        return (row_sq + 2 * s * cross + s * s * own).clamp_min(0).sqrt()
 
     def forward(self, delta, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         a, b = delta.lora_A.weight, delta.lora_B.weight
