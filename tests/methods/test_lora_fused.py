@@ -192,3 +192,28 @@ def test_mixed_batch_stacks_follow_weight_changes():
         second = model(**batch, adapter_names=names).logits
         assert (second - first).abs().max() > 1e-3
         torch.testing.assert_close(second, per_row(), atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_batch_in_training_with_dropout_uses_the_batched_path():
+    torch.manual_seed(0)
+    model = up.adapt(Shared(), up.LoraConfig(r=2, dropout=0.25, target_modules=["q", "k", "v"]))
+    model.add_adapter("other", up.LoraConfig(r=2, alpha=6, dropout=0.25, target_modules=["q", "k", "v"]))
+    randomise_b(model)
+    model.train()
+    x = torch.randn(4, 6)
+    names = ["other", "default", "default", "other"]
+    torch.manual_seed(3)
+    out = model(x, adapter_names=names)
+    out.sum().backward()
+    torch.manual_seed(3)
+    masks = [fused.keep_mask(x.shape, 0.25, x.device) for _ in "qkv"]  # one per site, in call order
+    ref = []
+    for i, name in enumerate(names):
+        row = 0
+        for (site, weight), mask in zip((("q", 1), ("k", 2), ("v", 3)), masks):
+            d = model.delta_at(name, site)
+            xd = x[i:i + 1] * mask[i:i + 1] / 0.75
+            row = row + weight * (d.base(x[i:i + 1]) + d.scaling * xd @ d.lora_A.weight.T @ d.lora_B.weight.T)
+        ref.append(row)
+    torch.testing.assert_close(out, torch.cat(ref), atol=1e-6, rtol=1e-6)
+    assert model.delta_at("default", "k").lora_B.weight.grad.abs().sum() > 0

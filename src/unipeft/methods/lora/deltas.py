@@ -104,15 +104,18 @@ class LoraLinear(LoraDelta):
 
     @classmethod
     def forward_grouped(cls, deltas, x, base_out, row_group):
-        """Plain LoRA of equal rank in every group: per-row A and B gathered from one stack, two
-        batched matmuls, the expand accumulated into the base output (in place without autograd)."""
+        """Plain LoRA of equal rank and dropout in every group: per-row A and B gathered from one
+        stack, one dropout mask for the batch, two batched matmuls, the expand accumulated into the
+        base output (in place without autograd)."""
         live = [d for d in deltas if d is not None]
-        r = live[0].r
-        if any(not d.variant.groupable or d.r != r or (d.training and not isinstance(d.lora_dropout, nn.Identity))
-               for d in live) or x.dtype != live[0].lora_A.weight.dtype:
+        r, p = live[0].r, fused.dropout_p(live[0])
+        if any(not d.variant.groupable or d.r != r or fused.dropout_p(d) != p for d in live) \
+                or x.dtype != live[0].lora_A.weight.dtype:
             return None
         grad = torch.is_grad_enabled() and any(d.lora_A.weight.requires_grad for d in live)
         a, bt = cls._stacks(deltas, live[0]) if not grad else cls._stack(deltas, live[0])
+        if p > 0:  # one mask for the batch, drawn as the fused path draws it (rows with no adapter ignore it)
+            x = x * fused.keep_mask(x.shape, p, x.device) * (1.0 / (1.0 - p))
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])
         h = torch.bmm(x3, a.index_select(0, row_group).transpose(1, 2))
         out3 = base_out.view(x.shape[0], -1, base_out.shape[-1])
