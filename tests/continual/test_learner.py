@@ -74,3 +74,36 @@ def test_bad_configuration(stream):
         _run(stream, "kfpf", kfpf_k=10_000)
     with pytest.raises(cl.ContinualError, match="kfpf_budget"):
         _run(stream, "kfpf", kfpf_budget=0.0)
+
+
+def test_validation_accuracies_recorded_beside_test(stream):
+    split = stream.with_validation(0.2, seed=0)
+    cfg = dataclasses.replace(_cfg(), epochs=1)
+    cfg.fpf = dataclasses.replace(cfg.fpf, steps=5)
+    res = cl.run_continual(seq_digits_model(0, split), split, "er+fpf", cfg, 0)
+    assert [len(r) for r in res.valid_accuracy] == [len(r) for r in res.accuracy] == [1, 2, 3, 4, 5]
+    assert res.base.valid_accuracy[:-1] == res.valid_accuracy[:-1]  # FPF only replaces the last row
+    row = res.to_dict()
+    assert row["valid_final_average_accuracy"] == pytest.approx(sum(res.valid_accuracy[-1]) / 5)
+    model = seq_digits_model(0, split)
+    assert len(cl.evaluate(model, split, split="valid")) == 5
+    assert cl.run_continual(seq_digits_model(0, stream), stream, "sgd", cfg, 0).valid_accuracy is None  # no split
+    with pytest.raises(cl.ContinualError, match="no validation split"):
+        cl.evaluate(model, stream, split="valid")
+
+
+def test_fpf_variants_branch_from_the_same_trained_model(stream):
+    cfg = dataclasses.replace(_cfg(), epochs=1)
+    cfg.fpf = dataclasses.replace(cfg.fpf, steps=10)
+    plain = cl.run_continual(seq_digits_model(0, stream), stream, "er+fpf", cfg, 0)
+    cfg_v = dataclasses.replace(cfg, fpf_variants=(1.0, cfg.fpf.budget))
+    res = cl.run_continual(seq_digits_model(0, stream), stream, "er+fpf", cfg_v, 0)
+    assert res.accuracy == plain.accuracy and res.compute["flops"] == plain.compute["flops"]  # main result unchanged
+    assert set(res.variants) == {1.0, cfg.fpf.budget}
+    same = res.variants[cfg.fpf.budget]
+    assert same.accuracy == plain.accuracy and same.drift.selected == plain.drift.selected
+    every = res.variants[1.0]
+    assert every.base.accuracy == plain.base.accuracy and len(every.drift.selected) > len(plain.drift.selected)
+    assert every.compute["optimizer_steps"] == plain.compute["optimizer_steps"]  # one FPF of the same steps
+    with pytest.raises(cl.ContinualError, match="fpf_variants"):
+        dataclasses.replace(cfg, fpf_variants=(0.0,)).validate()

@@ -54,3 +54,27 @@ def test_bad_scenario_and_data():
         TensorData((torch.zeros(3, 2),), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ContinualError, match="at least one task"):
         TaskStream([], 2)
+
+
+def test_validation_split_held_out_of_each_class_seeded():
+    train, test = _data(10), _data(2)
+    stream = split_by_classes(train, test, 2)
+    assert not stream.has_validation
+    split = stream.with_validation(0.2, seed=3)
+    assert split.has_validation and len(split) == len(stream) and split.scenario == stream.scenario
+    for old, new in zip(stream, split):
+        assert [new.valid.labels.tolist().count(c) for c in new.classes] == [2, 2]  # round(0.2 * 10) per class
+        assert len(new.train) == len(old.train) - 4 and new.test is old.test
+        # a partition of the old training rows: nothing shared, nothing lost
+        rows = lambda d: {tuple(x.tolist()) for x in d.inputs[0]}  # noqa: E731
+        assert not rows(new.train) & rows(new.valid) and rows(new.train) | rows(new.valid) == rows(old.train)
+    again, other = stream.with_validation(0.2, seed=3), stream.with_validation(0.2, seed=4)
+    assert all(torch.equal(a.valid.inputs[0], b.valid.inputs[0]) for a, b in zip(split, again))
+    assert any(not torch.equal(a.valid.inputs[0], b.valid.inputs[0]) for a, b in zip(split, other))
+    assert len(split.joint()) == len(train) - 12  # joint training sees the reduced training sets too
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
+def test_validation_split_bad_fraction(fraction):
+    with pytest.raises(ContinualError, match="fraction"):
+        split_by_classes(_data(), _data(2), 2).with_validation(fraction)

@@ -5,6 +5,7 @@ records the accuracy matrix after each task, tracks per-module drift, and meters
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -51,6 +52,8 @@ class CLConfig:
     kfpf_k: int = 5                  # FPF phases along the stream (evenly spaced; the last at the end)
     kfpf_steps: int | None = None    # steps per k-FPF phase (default: fpf.steps)
     kfpf_budget: float | None = None  # parameter budget of k-FPF's selection (default: fpf.budget)
+    # "x+fpf" only: further FPF budgets tried on the same trained model (restored in between), in CLResult.variants
+    fpf_variants: tuple[float, ...] = ()
     eval_batch_size: int = 256
     progress: bool = True
 
@@ -62,6 +65,8 @@ class CLConfig:
                                  f"{self.epochs}, {self.batch_size}, {self.buffer_size}")
         if self.kfpf_budget is not None and not 0 < self.kfpf_budget <= 1:
             raise ContinualError(f"CLConfig.kfpf_budget: expected a fraction in (0, 1], got {self.kfpf_budget!r}")
+        if any(not 0 < b <= 1 for b in self.fpf_variants):
+            raise ContinualError(f"CLConfig.fpf_variants: expected fractions in (0, 1], got {self.fpf_variants!r}")
         if self.kfpf_k <= 0:
             raise ContinualError(f"CLConfig.kfpf_k: k-FPF needs k >= 1, got {self.kfpf_k}")
 
@@ -97,6 +102,8 @@ class CLResult:
     drift: DriftReport | None = None     # the ranking used by the last FPF phase
     fpf_phases: int = 0
     base: "CLResult | None" = None       # for "x+fpf": the result of "x" before FPF (same run)
+    valid_accuracy: list[list[float]] | None = None  # the same matrix on the validation split, if the stream has one
+    variants: "dict[float, CLResult]" = field(default_factory=dict)  # CLConfig.fpf_variants: budget -> result
 
     @property
     def is_joint(self) -> bool:
@@ -114,9 +121,19 @@ class CLResult:
         """Mean drop from each task's best accuracy to its final one (None for joint training)."""
         return None if self.is_joint else average_forgetting(self.accuracy)
 
+    @property
+    def valid_final_average_accuracy(self) -> float | None:
+        """Mean validation accuracy over all tasks after the last one (None without a validation split)."""
+        if self.valid_accuracy is None:
+            return None
+        row = self.valid_accuracy[-1]
+        return sum(row) / len(row) if self.is_joint else average_accuracy(self.valid_accuracy)
+
     def to_dict(self) -> dict:
         """JSON-ready form (without `base`)."""
         return {"method": self.method, "final_average_accuracy": self.final_average_accuracy,
+                "valid_final_average_accuracy": self.valid_final_average_accuracy,
+                "valid_accuracy_matrix": self.valid_accuracy,
                 "average_forgetting": self.average_forgetting,
                 "backward_transfer": None if self.is_joint else backward_transfer(self.accuracy),
                 "accuracy_matrix": self.accuracy, "task_names": self.task_names, "compute": self.compute,
@@ -144,6 +161,7 @@ class _Run:
         self.start = time.perf_counter()
         self.opt = make_optimizer(_trainable(model), cfg.optimizer, cfg.lr)
         self.rows: list[list[float]] = []
+        self.valid_rows: list[list[float]] | None = [] if stream.has_validation else None
         self.report: DriftReport | None = None
         self.phases = 0
         self.eval_seconds = 0.0
@@ -195,11 +213,17 @@ class _Run:
                      self.gen, on_step=lambda n, fn: self.meter.step("fpf", n, fn))
         self.phases += 1
 
-    def evaluate(self, upto: int | None = None) -> list[float]:
+    def evaluate(self, upto: int | None = None, replace_last: bool = False) -> None:
+        """Append (or replace the last) row of test accuracies, and of validation ones if the stream has them."""
         t0 = time.perf_counter()
-        row = evaluate(self.model, self.stream, self.cfg.eval_batch_size, upto)
+        pairs = [(self.rows, "test")] + ([(self.valid_rows, "valid")] if self.valid_rows is not None else [])
+        for rows, split in pairs:
+            row = evaluate(self.model, self.stream, self.cfg.eval_batch_size, upto, split)
+            if replace_last:
+                rows[-1] = row
+            else:
+                rows.append(row)
         self.eval_seconds += time.perf_counter() - t0
-        return row
 
     def result(self) -> CLResult:
         """The run so far as a CLResult (compute: steps, FLOPs, wall time without evaluation)."""
@@ -209,7 +233,8 @@ class _Run:
         compute["wall_seconds"] = (time.perf_counter() - self.start - self.eval_seconds
                                    - self.meter.overhead_seconds)
         return CLResult(self.spec.name, [list(r) for r in self.rows], compute, self.stream.task_names(),
-                        self.report, self.phases)
+                        self.report, self.phases,
+                        valid_accuracy=None if self.valid_rows is None else [list(r) for r in self.valid_rows])
 
 
 def _steps_per_epoch(data: TensorData, batch_size: int) -> int:
@@ -232,7 +257,7 @@ def run_continual(model: nn.Module, stream: TaskStream, method: str, config: CLC
                 for inputs, labels in data.batches(cfg.batch_size, run.gen):
                     run.train_step(inputs, labels, stream.task_ids(labels))
                     bar.update()
-        run.rows = [run.evaluate()]
+        run.evaluate()
         return run.result()
 
     total = sum(cfg.epochs * _steps_per_epoch(t.train, cfg.batch_size) for t in stream)
@@ -256,13 +281,28 @@ def run_continual(model: nn.Module, stream: TaskStream, method: str, config: CLC
                         bar.set_postfix_str(f"k-FPF phase {run.phases + 1}/{k}")
                         run.fpf_phase(cfg.kfpf_steps or cfg.fpf.steps, kfpf_budget)
             run.tracker.end_task()
-            run.rows.append(run.evaluate(upto=task.index))  # later tasks are not needed by the metrics
+            run.evaluate(upto=task.index)  # later tasks are not needed by the metrics
     if spec.fpf != "end":
         return run.result()
     before = run.result()
     before.method = spec.base
+    variants = {}
+    for budget in cfg.fpf_variants:  # each from the state before FPF, as if FPF had run only at that budget
+        saved = (copy.deepcopy(model.state_dict()), run.gen.get_state(), copy.deepcopy(run.meter),
+                 [list(r) for r in run.rows], run.valid_rows and [list(r) for r in run.valid_rows], run.eval_seconds)
+        t0 = time.perf_counter()
+        run.fpf_phase(cfg.fpf.steps, budget)
+        run.evaluate(replace_last=True)
+        variants[budget] = run.result()
+        variants[budget].base = before
+        state, gen, run.meter, run.rows, run.valid_rows, run.eval_seconds = saved
+        model.load_state_dict(state)
+        run.gen.set_state(gen)
+        run.phases -= 1
+        run.start += time.perf_counter() - t0  # the variant's time is not the main result's
     run.fpf_phase(cfg.fpf.steps, cfg.fpf.budget)
-    run.rows[-1] = run.evaluate()
+    run.evaluate(replace_last=True)
     result = run.result()
     result.base = before
+    result.variants = variants
     return result

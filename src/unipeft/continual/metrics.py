@@ -67,16 +67,23 @@ def predict(model: nn.Module, stream: TaskStream, inputs: tuple[torch.Tensor, ..
     return torch.cat(preds)
 
 
-def evaluate(model: nn.Module, stream: TaskStream, batch_size: int = 256, upto: int | None = None) -> list[float]:
-    """Test accuracy (0..1) on tasks 0..upto (default: all), model in eval mode (restored afterwards)."""
+def evaluate(model: nn.Module, stream: TaskStream, batch_size: int = 256, upto: int | None = None,
+             split: str = "test") -> list[float]:
+    """Accuracy (0..1) on the `split` ("test" or "valid") examples of tasks 0..upto (default: all), model in
+    eval mode (restored afterwards)."""
+    if split not in ("test", "valid"):
+        raise ContinualError(f"evaluate: split must be 'test' or 'valid', got {split!r}")
+    if split == "valid" and not stream.has_validation:
+        raise ContinualError("evaluate: the stream has no validation split (see TaskStream.with_validation)")
     was_training = model.training
     model.eval()
     try:
         accs = []
         for task in stream.tasks[:None if upto is None else upto + 1]:
-            ids = torch.full((len(task.test),), task.index, dtype=torch.long)
-            pred = predict(model, stream, task.test.inputs, ids, batch_size)
-            accs.append(float((pred == task.test.labels).float().mean()) if len(task.test) else float("nan"))
+            data = getattr(task, split)
+            ids = torch.full((len(data),), task.index, dtype=torch.long)
+            pred = predict(model, stream, data.inputs, ids, batch_size)
+            accs.append(float((pred == data.labels).float().mean()) if len(data) else float("nan"))
         return accs
     finally:
         model.train(was_training)

@@ -54,12 +54,14 @@ class TensorData:
 
 @dataclass
 class Task:
-    """One task of a stream: its classes (global label ids) and its train/test examples."""
+    """One task of a stream: its classes (global label ids), its train/test examples and, after
+    `TaskStream.with_validation`, validation examples held out of its training data."""
 
     index: int
     classes: list[int]
     train: TensorData
     test: TensorData
+    valid: TensorData | None = None
 
 
 class TaskStream:
@@ -105,6 +107,37 @@ class TaskStream:
             return logits
         mask = self._masks.to(logits.device)[task_ids]
         return logits.masked_fill(~mask, float("-inf"))
+
+    @property
+    def has_validation(self) -> bool:
+        """True when every task holds validation examples (see `with_validation`)."""
+        return all(t.valid is not None for t in self.tasks)
+
+    def with_validation(self, fraction: float, seed: int = 0) -> "TaskStream":
+        """A new stream whose tasks keep `fraction` of each class's training examples apart as `valid`.
+
+        Per task and class, round(fraction * n) examples (at least 1, at most n - 1) are drawn with a
+        generator seeded by `seed`; the rest stay in `train` in their original order. Test sets are shared.
+        """
+        if not 0 < fraction < 1:
+            raise ContinualError(f"with_validation: fraction must be in (0, 1), got {fraction!r}")
+        gen = torch.Generator().manual_seed(seed)
+        tasks = []
+        for t in self.tasks:
+            held = []
+            for c in t.classes:
+                rows = torch.nonzero(t.train.labels == c).flatten()
+                n = int(rows.numel())
+                if n < 2:
+                    raise ContinualError(f"with_validation: class {c} has {n} training example(s); need 2")
+                k = min(n - 1, max(1, round(fraction * n)))
+                held.append(rows[torch.randperm(n, generator=gen)[:k]])
+            valid = torch.sort(torch.cat(held)).values
+            keep = torch.ones(len(t.train), dtype=torch.bool)
+            keep[valid] = False
+            tasks.append(Task(t.index, list(t.classes), t.train.subset(torch.nonzero(keep).flatten()), t.test,
+                              t.train.subset(valid)))
+        return TaskStream(tasks, self.num_classes, self.scenario, self.class_names)
 
     def joint(self) -> TensorData:
         """The training examples of every task together (the joint-training upper bound)."""

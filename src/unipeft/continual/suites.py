@@ -82,7 +82,8 @@ def compute_ratios(compute: dict, reference: dict) -> dict:
 def summarize(rows: list[dict]) -> dict:
     """Mean and std over seeds of accuracy, forgetting and the compute ratios of per-seed rows."""
     stats = {"final_average_accuracy": [r["final_average_accuracy"] for r in rows],
-             "average_forgetting": [r["average_forgetting"] for r in rows]}
+             "average_forgetting": [r["average_forgetting"] for r in rows],
+             "valid_final_average_accuracy": [r.get("valid_final_average_accuracy") for r in rows]}
     for key in RATIOS:
         stats[f"{key}_vs_er"] = [r["vs_er"][key] if r["vs_er"] else None for r in rows]
     return {k: dict(zip(("mean", "std"), _mean_std(v))) for k, v in stats.items()}
@@ -94,13 +95,24 @@ def _row(res: CLResult, er: CLResult | None) -> dict:
     return out
 
 
+def variant_name(method: str, budget: float) -> str:
+    """The row name of `method` ("x+fpf") with its final FPF at another budget (CLConfig.fpf_variants)."""
+    return f"{method} (FPF budget {budget:g})"
+
+
 def run_benchmark(name: str, methods: Sequence[str], seeds: Sequence[int], scenario: str = "class-il",
                   config: CLConfig | None = None, progress: bool = True,
-                  log: Callable[[str], None] = print, warmup: bool = False) -> dict:
+                  log: Callable[[str], None] = print, warmup: bool = False,
+                  valid_fraction: float | None = None, valid_seed: int = 0,
+                  stream: TaskStream | None = None) -> dict:
     """Run `methods` on benchmark `name` for every seed; per-seed results plus mean and std per method.
 
     `warmup` first runs one unrecorded epoch, so that one-time start-up costs (kernel and
     allocator warm-up) do not land in the wall time of whichever method happens to run first.
+    `valid_fraction` holds that fraction of each task's training data out as a validation split
+    (`TaskStream.with_validation(valid_fraction, valid_seed)`): the runs train on the rest and
+    record validation accuracies beside the test ones. `stream` reuses an already built stream
+    of this benchmark (its own scenario and validation split; `scenario` and `valid_fraction` are then ignored).
     """
     bench = get_benchmark(name)
     runs = training_runs(methods)  # validates every method name before any work
@@ -109,7 +121,11 @@ def run_benchmark(name: str, methods: Sequence[str], seeds: Sequence[int], scena
     cfg = config or bench.preset()
     cfg.validate()  # before the (possibly slow) data preparation
     cfg.progress = progress
-    stream = bench.stream(scenario)
+    if stream is None:
+        stream = bench.stream(scenario)
+        if valid_fraction is not None:
+            stream = stream.with_validation(valid_fraction, valid_seed)
+    scenario = stream.scenario
     if warmup:
         run_continual(bench.model(seeds[0], stream), stream, runs[0],
                       dataclasses.replace(cfg, epochs=1, kfpf_k=1), seeds[0])
@@ -126,10 +142,12 @@ def run_benchmark(name: str, methods: Sequence[str], seeds: Sequence[int], scena
                 + (f" (before FPF {res.base.final_average_accuracy:.3f})" if res.base else ""))
         for m in methods:
             per_seed[m].append(_row(results[m], results.get("er")))
+            for budget, variant in results[m].variants.items():  # CLConfig.fpf_variants
+                per_seed.setdefault(variant_name(m, budget), []).append(_row(variant, results.get("er")))
         last = results
     summary = {m: summarize(rows) for m, rows in per_seed.items()}
     return {"benchmark": name, "description": bench.description, "scenario": scenario, "seeds": list(seeds),
-            "task_names": stream.task_names(), "config": dataclasses.asdict(cfg), "methods": list(methods),
+            "task_names": stream.task_names(), "config": dataclasses.asdict(cfg), "methods": list(per_seed),
             "summary": summary, "per_seed": per_seed,
             "drift_report": {m: r.drift.table() for m, r in last.items() if r.drift is not None}}
 
