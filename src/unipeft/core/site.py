@@ -201,9 +201,11 @@ class AdaptedSite(nn.Module):
 
     def check_finite_merge(self, name: str) -> None:
         """MergeError if merging adapter `name` here (if held and not merged) gives non-finite weights."""
-        if name not in self.deltas or name in self.merged:
-            return
-        bad = [k for k, t in self.merged_params(name)[1].items() if not torch.isfinite(t).all()]
+        if name in self.deltas and name not in self.merged:
+            self._refuse_nonfinite(name, self.merged_params(name)[1])
+
+    def _refuse_nonfinite(self, name: str, new: dict[str, torch.Tensor]) -> None:
+        bad = [k for k, t in new.items() if not torch.isfinite(t).all()]
         if bad:
             raise MergeError(f"merging adapter '{name}' into '{self.path}' gives non-finite values in "
                              f"{bad}; the base weights were left unchanged")
@@ -220,9 +222,9 @@ class AdaptedSite(nn.Module):
         """Add adapter `name`'s delta into the base weights (safe: refuse non-finite results first)."""
         if name in self.merged or name not in self.deltas:
             return
-        if safe:
-            self.check_finite_merge(name)
         dw, new = self.merged_params(name)
+        if safe:
+            self._refuse_nonfinite(name, new)
         base = self.base_layer
         snaps = {k: layers.snapshot_param(base, k) for k in new if layers.is_packed(base, k)}
         if snaps:

@@ -42,10 +42,9 @@ class Member:
     __slots__ = ("delta", "transposed", "r", "out_features")
 
     def __init__(self, delta) -> None:
-        self.delta = delta
-        self.transposed = layers.geometry(delta.base).kind == "transposed"
-        self.r = delta.r
-        self.out_features = layers.geometry(delta.base).out_features
+        geo = layers.geometry(delta.base)
+        self.delta, self.r = delta, delta.r
+        self.transposed, self.out_features = geo.kind == "transposed", geo.out_features
 
     def tensors(self) -> tuple:
         base, d = self.delta.base, self.delta
@@ -118,17 +117,22 @@ class FusedLora(torch.autograd.Function):
 def run_members(members: list[Member], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Base + LoRA outputs of `members` on the shared input `x`."""
     deltas = [m.delta for m in members]
-    p = dropout_p(deltas[0])
+    args = (members, [d.scaling for d in deltas], dropout_p(deltas[0]))
     tensors = [t for m in members for t in m.tensors()]
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, *tensors)):
-        return FusedLora.forward(_NoGradCtx(), x, members, [d.scaling for d in deltas], p, *tensors)
-    return FusedLora.apply(x, members, [d.scaling for d in deltas], p, *tensors)
+        return FusedLora.forward(_NoGradCtx(), x, *args, *tensors)
+    return FusedLora.apply(x, *args, *tensors)
+
+
+def configured_p(delta) -> float:
+    """The dropout probability of `delta`'s config (whether or not it is training)."""
+    drop = delta.lora_dropout
+    return drop.p if isinstance(drop, torch.nn.Dropout) else 0.0
 
 
 def dropout_p(delta) -> float:
     """The dropout probability `delta` applies now (0 in eval mode or without dropout)."""
-    drop = delta.lora_dropout
-    return drop.p if delta.training and isinstance(drop, torch.nn.Dropout) else 0.0
+    return configured_p(delta) if delta.training else 0.0
 
 
 class _NoGradCtx:
@@ -195,8 +199,7 @@ class Groups:
         for _, deltas in self.seen.values():
             by_kind: dict[tuple, list] = {}
             for d in deltas:
-                by_kind.setdefault((d.lora_dropout.p if isinstance(d.lora_dropout, torch.nn.Dropout) else 0.0,
-                                  d.lora_A.weight.dtype), []).append(d)
+                by_kind.setdefault((configured_p(d), d.lora_A.weight.dtype), []).append(d)
             for same in by_kind.values():
                 if len(same) > 1:
                     group = Group(same)
