@@ -46,5 +46,5 @@ def test_file_source_splits_and_held_out_files(tmp_path):
 def test_source_errors():
     with pytest.raises(DataError, match="data.train: set the path"):
         load_data("classification", _data(source="file"), seed=0)
-    with pytest.raises(DataError, match="task 'causal_lm' needs source 'file'"):
+    with pytest.raises(DataError, match="task 'causal_lm' needs source 'wordnet' or 'file'"):
         load_data("causal_lm", _data(source="digits"), seed=0)

@@ -41,15 +41,28 @@ def _special(tokenizer: Any, *names: str) -> int | None:
     return None
 
 
-def encode_prompt_completion(tokenizer: Any, prompt: str, completion: str | None, max_length: int
-                             ) -> tuple[list[int], list[int]]:
+def chat_prompt(tokenizer: Any, prompt: str) -> str:
+    """`prompt` as one user turn of the tokenizer's chat template, ready for the assistant's answer."""
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise DataError(f"data.chat_template: the tokenizer of {name!r} has no chat template; "
+                        f"set chat_template: false or use a chat model (e.g. model: smollm2)")
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+def encode_prompt_completion(tokenizer: Any, prompt: str, completion: str | None, max_length: int,
+                             chat: bool = False) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for one pair: [bos] prompt completion [eos], labels IGNORE outside the completion.
 
-    With `completion=None` (generation) only the prompt part is returned.
+    With `chat`, the prompt is rendered through the chat template (which brings its own start
+    tokens, so no bos is added) and the eos ends the assistant's turn. With `completion=None`
+    (generation) only the prompt part is returned.
     """
-    bos = _special(tokenizer, "bos_token_id", "cls_token_id")
+    bos = None if chat else _special(tokenizer, "bos_token_id", "cls_token_id")
     eos = _special(tokenizer, "eos_token_id", "sep_token_id")
-    head = ([bos] if bos is not None else []) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    text = chat_prompt(tokenizer, prompt) if chat else prompt
+    head = ([bos] if bos is not None else []) + tokenizer(text, add_special_tokens=False)["input_ids"]
     if completion is None:
         return head[-max_length:], [IGNORE] * min(len(head), max_length)
     tail = tokenizer(completion, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
@@ -58,11 +71,12 @@ def encode_prompt_completion(tokenizer: Any, prompt: str, completion: str | None
     return ids, labels
 
 
-def encode_prompt_completions(tokenizer: Any, data: PromptCompletions, max_length: int) -> EncodedSet:
+def encode_prompt_completions(tokenizer: Any, data: PromptCompletions, max_length: int, chat: bool = False
+                              ) -> EncodedSet:
     """Tokenize pairs for causal LM; pairs whose completion is cut off entirely are an error."""
     rows, weights, lengths = [], [], []
     for i, (p, c) in enumerate(zip(data.prompts, data.completions)):
-        ids, labels = encode_prompt_completion(tokenizer, p, c, max_length)
+        ids, labels = encode_prompt_completion(tokenizer, p, c, max_length, chat)
         weight = sum(1 for y in labels[1:] if y != IGNORE)  # position 0 is never predicted
         if weight == 0:
             raise DataError(f"example {i}: no completion token fits in data.max_length={max_length} "
@@ -79,8 +93,8 @@ def encode_vectors(data: LabeledVectors) -> EncodedSet:
     return EncodedSet(rows, [1] * len(rows), [1] * len(rows))
 
 
-def encode_split(tokenizer: Any, data: Any, max_length: int) -> EncodedSet:
-    """Encode any split type (texts, prompt/completions, vectors)."""
+def encode_split(tokenizer: Any, data: Any, max_length: int, chat: bool = False) -> EncodedSet:
+    """Encode any split type (texts, prompt/completions, vectors); `chat` renders prompts as chat turns."""
     if isinstance(data, LabeledVectors):
         return encode_vectors(data)
     if tokenizer is None:
@@ -88,7 +102,7 @@ def encode_split(tokenizer: Any, data: Any, max_length: int) -> EncodedSet:
     if isinstance(data, LabeledTexts):
         return encode_texts(tokenizer, data, max_length)
     if isinstance(data, PromptCompletions):
-        return encode_prompt_completions(tokenizer, data, max_length)
+        return encode_prompt_completions(tokenizer, data, max_length, chat)
     raise DataError(f"cannot encode data of type {type(data).__name__}")
 
 

@@ -1,4 +1,4 @@
-"""One entry point from a data config to train/valid/test splits: fortunes, digits or local files."""
+"""One entry point from a data config to train/valid/test splits: fortunes, digits, WordNet or local files."""
 from __future__ import annotations
 
 from typing import Any
@@ -6,7 +6,8 @@ from typing import Any
 from .fortunes import DEFAULT_CATEGORIES, load_fortunes
 from .splits import DataError, LabeledVectors, Splits, split_examples
 
-SOURCES = ("fortunes", "digits", "file")
+SOURCES = ("fortunes", "digits", "wordnet", "file")
+LM_SOURCES = ("wordnet", "file")  # prompt/completion data; the others are classification data
 SKLEARN_INSTALL = "pip install scikit-learn"  # the digits ship inside scikit-learn's wheel
 
 
@@ -52,14 +53,21 @@ def load_data(task: str, data: Any, seed: int) -> Splits:
     """The splits a run's `data` section (train.config.DataConfig) describes, validated for `task`."""
     if data.source not in SOURCES:
         raise DataError(f"data.source: unknown source {data.source!r}; expected one of {list(SOURCES)}")
-    if data.source != "file" and task != "classification":
+    if task == "causal_lm" and data.source not in LM_SOURCES:
         raise DataError(f"data.source {data.source!r} is a classification data set; task {task!r} needs "
-                        f"source 'file' with prompt/completion columns")
+                        f"source 'wordnet' or 'file' with prompt/completion columns")
+    if task == "classification" and data.source == "wordnet":
+        raise DataError("data.source 'wordnet' holds prompt/completion pairs (define a word); use it with "
+                        "task: causal_lm")
     if data.source == "fortunes":
         categories = data.categories if data.categories is not None else list(DEFAULT_CATEGORIES)
         splits = load_fortunes(categories, seed, data.split, data.max_per_category, data.max_chars, data.directory)
     elif data.source == "digits":
         splits = load_digits(seed, tuple(data.split))
+    elif data.source == "wordnet":
+        from .wordnet import load_wordnet
+
+        splits = load_wordnet(seed, data.split, data.pos, data.max_examples, data.directory)
     else:
         splits = load_files(task, data, seed)
     if len(splits.train) == 0:

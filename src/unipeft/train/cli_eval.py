@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
 
     loaded = load_run(args.run_dir)
     data = eval_splits(loaded, args.data).get("test" if args.data else args.split)
-    encoded = encode_split(loaded.tokenizer, data, loaded.cfg.data.max_length)
+    encoded = encode_split(loaded.tokenizer, data, loaded.cfg.data.max_length, loaded.cfg.data.chat_template)
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer is not None else 0
     metrics = evaluate(loaded.model, encoded, loaded.cfg.task, args.batch_size, pad or 0, len(loaded.label_names))
     print(json.dumps({"split": args.data or args.split, **metrics}))

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from ..core.errors import ConfigError
 from .full import FULL, FullFineTuneConfig  # noqa: F401  (re-exported: callers import them from here)
+from .quantize import QuantizationConfig
 from .schema import check_type, from_dict, parse_yaml, set_dotted, to_dict, unknown_key_error
 from .strategy import BUILT_IN_METHODS, AdapterStrategy, MethodConfig, MethodStrategy, strategy_for
 
@@ -27,11 +28,13 @@ class ModelConfig:
 class DataConfig:
     """Where examples come from and how they are tokenized and batched."""
 
-    source: Literal["fortunes", "digits", "file"] = "fortunes"
+    source: Literal["fortunes", "digits", "wordnet", "file"] = "fortunes"
     categories: list[str] | None = None  # fortunes: label order; None: the 8 default topics
     max_per_category: int | None = None
     max_chars: int | None = None
-    directory: str | None = None  # fortunes folder (default /usr/share/games/fortunes)
+    directory: str | None = None  # fortunes / wordnet folder (default /usr/share/games/fortunes, /usr/share/wordnet)
+    pos: list[str] | None = None  # wordnet: parts of speech (noun, verb, adj, adv); None: all four
+    max_examples: int | None = None  # wordnet: at most this many pairs (whole words), taken after shuffling
     split: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
     seed: int | None = None  # split seed; None: the run's seed
     train: str | None = None  # file source: paths; valid/test are split off train when absent
@@ -44,6 +47,9 @@ class DataConfig:
     completion_column: str = "completion"
     max_length: int = 128
     group_by_length: bool = True
+    # causal_lm: render each prompt as a user turn through the tokenizer's chat template (and end
+    # the completion with the template's end-of-turn token); the loss stays on the answer tokens.
+    chat_template: bool = False
 
 
 @dataclass
@@ -91,6 +97,7 @@ class RunConfig:
     """Everything one training run needs; `unipeft train CONFIG.yaml` reads this from YAML."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)  # of the frozen base
     task: Literal["classification", "causal_lm"] = "classification"
     data: DataConfig = field(default_factory=DataConfig)
     method: dict[str, Any] = field(default_factory=lambda: {"name": "lora"})
@@ -130,6 +137,14 @@ class RunConfig:
         for key in ("max_steps", "eval_every", "save_every", "threads"):
             if getattr(self, key) is not None:
                 positive[key] = getattr(self, key)
+        if self.data.max_examples is not None:
+            positive["data.max_examples"] = self.data.max_examples
+        self.quantization.validate()
+        if self.quantization.enabled and (self.task != "causal_lm" or self.model.name == "mlp"):
+            raise ConfigError("quantization: a quantized base is loaded for task: causal_lm with a transformers "
+                              "model (e.g. model: smollm2); set quantization.bits: null here")
+        if self.data.chat_template and self.task != "causal_lm":
+            raise ConfigError("data.chat_template: only for task: causal_lm (it renders prompts as chat turns)")
         for key, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{key}: expected a positive integer, got {value}")

@@ -48,12 +48,16 @@ def minilm_path() -> Path:
 
 
 def model_path(name: str) -> Path:
-    """Resolve a model name: 'minilm' or a local folder holding config.json."""
+    """Resolve a model name: 'minilm', 'smollm2' or a local folder holding config.json."""
     if name == "minilm":
         return minilm_path()
+    if name == "smollm2":
+        from .smollm2 import smollm2_path
+
+        return smollm2_path()
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
-        raise ConfigError(f"model.name: {name!r} is neither a built-in model ('minilm', 'mlp') nor a local folder "
+        raise ConfigError(f"model.name: {name!r} is neither a built-in model ('minilm', 'smollm2', 'mlp') nor a local folder "
                           f"with config.json (nothing is downloaded from a model hub)")
     return path
 
@@ -89,8 +93,10 @@ def load_tokenizer(name: str) -> Any:
     return tok
 
 
-def load_base_model(cfg: Any, task: str, label_names: list[str], seed: int, in_features: int = 64) -> nn.Module:
-    """The base model for `task`, built under `seed` so a new head is initialised the same every time."""
+def load_base_model(cfg: Any, task: str, label_names: list[str], seed: int, in_features: int = 64,
+                    quantization: Any = None) -> nn.Module:
+    """The base model for `task`, built under `seed` so a new head is initialised the same every time;
+    `quantization` (train.quantize.QuantizationConfig) loads a causal LM's linears quantized."""
     torch.manual_seed(seed)
     if cfg.name == "mlp":
         if task != "classification":
@@ -109,6 +115,10 @@ def load_base_model(cfg: Any, task: str, label_names: list[str], seed: int, in_f
                 return AutoModelForSequenceClassification.from_pretrained(
                     path, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                     label2id={n: i for i, n in enumerate(label_names)}, ignore_mismatched_sizes=True, **kwargs)
+            if quantization is not None and quantization.enabled:
+                from .quantize import load_quantized
+
+                return load_quantized(path, AutoModelForCausalLM, quantization, **kwargs)
             return AutoModelForCausalLM.from_pretrained(path, **kwargs)
         except (ValueError, OSError, RuntimeError) as exc:
             raise ConfigError(f"model {cfg.name!r}: cannot load it for {task}: {str(exc).splitlines()[0]}") from None

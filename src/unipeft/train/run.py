@@ -128,6 +128,10 @@ def _finish(trainer: Any, parts: RunParts, cfg: RunConfig, report: Any, state: A
         if acc.is_main_process:
             trainer.log.write({"step": state.step, "split": "test", **test})
             _save_final(parts, model, run_dir)
+            if cfg.task == "causal_lm" and len(parts.splits.test):
+                from .samples import SAMPLES, write_samples
+
+                write_samples(model, parts.tokenizer, parts.splits.test, cfg, run_dir / SAMPLES)
     if acc.is_main_process:
         (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
         if out.exists():  # --overwrite: swap in the new run, then drop the old one

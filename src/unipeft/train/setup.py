@@ -34,7 +34,8 @@ class RunParts:
 
     def encode(self, split: str) -> EncodedSet:
         """The named split, tokenized."""
-        return encode_split(self.tokenizer, self.splits.get(split), self.cfg.data.max_length)
+        return encode_split(self.tokenizer, self.splits.get(split), self.cfg.data.max_length,
+                            self.cfg.data.chat_template)
 
 
 def build_parts(cfg: RunConfig, splits: Splits | None = None) -> RunParts:
@@ -46,6 +47,6 @@ def build_parts(cfg: RunConfig, splits: Splits | None = None) -> RunParts:
         raise ConfigError("model 'mlp' takes vectors (data.source: digits); for text use model: minilm or a folder")
     tokenizer = load_tokenizer(cfg.model.name)
     in_features = int(splits.train.features.shape[1]) if hasattr(splits.train, "features") else 0
-    base = load_base_model(cfg.model, cfg.task, label_names, cfg.seed, in_features)
+    base = load_base_model(cfg.model, cfg.task, label_names, cfg.seed, in_features, cfg.quantization)
     model = cfg.strategy.apply(base)
     return RunParts(cfg, splits, tokenizer, model, cfg.method_config, label_names)
