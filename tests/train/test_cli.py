@@ -98,7 +98,7 @@ def test_bad_input_one_line_exit_2_nothing_written(case, tiny_bert, word_csv, tm
         "target": "target_modules=['attn_out'] matched no module of BertForSequenceClassification",
         "unknown_key": "unknown config key 'data.max_lenght'; did you mean 'data.max_length'?",
         "fortunes": "install it with: sudo apt-get install -y fortunes fortunes-min",
-        "model": "is neither a built-in model ('minilm', 'mlp') nor a local folder with config.json",
+        "model": "is neither a built-in model ('minilm', 'smollm2', 'mlp') nor a local folder with config.json",
         "too_few": "fewer than batch_size=64",
     }[case]
     extra: dict = {}

@@ -115,6 +115,12 @@ class Delta(nn.Module):
         """{base parameter name: delta} so that merged base == base with this delta applied."""
         raise MergeError(f"{type(self).__name__} at '{self.path}' has no weight-space form")
 
+    def merged_write(self, name: str, value: torch.Tensor) -> bool:
+        """Write the merge into base parameter `name` yourself (an exact form: rescaled packed scales,
+        an exactly quantized weight) and return True; False (default): core writes `value` (the
+        current value + delta_weight()[name]), requantizing packed weights."""
+        return False
+
     def saved_key(self, key: str) -> str:
         """Map a key of this delta's state_dict to its on-disk suffix (PEFT's name)."""
         return key

@@ -109,6 +109,28 @@ def _unpack_cpu_format(data: torch.Tensor, qs):
     return data, qs
 
 
+def keep_training_layout(model: nn.Module) -> None:
+    """Keep every 4-bit layer of `model` in bitsandbytes' standard layout, in eval mode too.
+
+    On an AVX512-BF16 CPU, an eval-mode no-grad Linear4bit.forward repacks its weight for an
+    inference kernel (gemv_4bit) that has no backward and that every later forward uses, training
+    ones included: gradients then silently stop at the layer. Adapted models turn that repacking
+    off (eval outputs equal the training-mode product) and unpack a layer already repacked.
+    """
+    for module in model.modules():
+        if not is_quantized(module) or not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        w = module.weight
+        if _is_4bit(w) and getattr(w.quant_state, "packing_format_for_cpu", False):
+            import bitsandbytes as bnb
+
+            data, qs = _unpack_cpu_format(w.data, w.quant_state)
+            _set_packed(module, bnb.nn.Params4bit(data, requires_grad=False, quant_state=qs, blocksize=qs.blocksize,
+                                                  compress_statistics=False, quant_type=qs.quant_type,
+                                                  quant_storage=w.quant_storage, module=module, bnb_quantized=True))
+
+
 def _dequantize(w: torch.Tensor, scb=None) -> torch.Tensor:
     """The float32 (out, in) value of a 4-bit weight, or of an int8 weight with row scales `scb`."""
     if _is_4bit(w):  # packed uint8 + quant state
@@ -232,3 +254,37 @@ def check_writable(module: nn.Module, name: str, path: str) -> None:
     """MergeError unless `name` is a parameter of `module`."""
     if name not in dict(module.named_parameters()):
         raise MergeError(f"'{path}' ({type(module).__name__}) has no parameter '{name}'")
+
+
+def scale_packed_rows(module: nn.Module, g: torch.Tensor) -> bool:
+    """Multiply row i of a packed weight by g[i] by scaling its stored scales (4-bit blockwise absmax
+    kept in float32, int8 row absmax SCB); the packed codes are untouched and a new Parameter is
+    installed (snapshots stay exact). False, writing nothing, when that is not exact: double-quantized
+    absmax, blocks spanning rows, the eval-mode CPU repacked layout, or some g[i] <= 0 / not finite."""
+    g = g.detach().to(torch.float32)
+    if not is_packed(module) or not (torch.isfinite(g).all() and (g > 0).all()):
+        return False
+    old = module.weight
+    if _is_4bit(old):
+        import copy
+
+        import bitsandbytes as bnb
+
+        qs = old.quant_state
+        if (qs.nested or getattr(qs, "packing_format_for_cpu", False) or module.in_features % qs.blocksize
+                or qs.absmax.dtype != torch.float32):
+            return False
+        qs = copy.copy(qs)
+        qs.absmax = (qs.absmax.view(module.out_features, -1) * g.to(qs.absmax.device)[:, None]).reshape(-1)
+        new = bnb.nn.Params4bit(old.data, requires_grad=False, quant_state=qs, blocksize=qs.blocksize,
+                                compress_statistics=old.compress_statistics, quant_type=qs.quant_type,
+                                quant_storage=old.quant_storage, module=getattr(old, "module", None),
+                                bnb_quantized=True)
+        _set_packed(module, new)
+        return True
+    import bitsandbytes as bnb
+
+    scb = _int8_scales(module)
+    new = bnb.nn.Int8Params(old.data, requires_grad=False, has_fp16_weights=False)
+    _set_packed(module, new, scb * g.to(scb.device, scb.dtype))
+    return True

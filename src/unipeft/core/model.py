@@ -12,7 +12,8 @@ from .config import AdapterConfig
 from .delta import Delta
 from .errors import ConfigError, MergeError
 from .injection import plan_injection
-from . import state
+from . import layers, merging, state
+from .merging import RequantizationError
 from .registry import method_for_config
 from .report import trainable_report
 from .site import BASE_NAME, AdaptedSite, ForwardContext, Grouping
@@ -38,6 +39,7 @@ class AdaptedModel(nn.Module):
         # path -> site, kept up to date on inject/remove, so no call walks every module
         # (whose count grows with the number of adapters).
         object.__setattr__(self, "_sites", {})
+        object.__setattr__(self, "last_merge_report", [])  # of the latest merge() (see merge)
         # Remember the base's requires_grad flags so unload() gives the model back as it came.
         self._base_requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
         for p in base_model.parameters():
@@ -122,6 +124,7 @@ class AdaptedModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ConfigError(f"adapter '{adapter_name}' already exists; delete_adapter() it first")
         config, new_deltas, bank, edits = plan_injection(self.base_model, config, calibration)
+        layers.keep_training_layout(self.base_model)  # gradients through every 4-bit layer
         # All deltas were built without error: only now touch the model.
         sites = self._sites
         for path, module, delta in new_deltas:
@@ -199,40 +202,15 @@ class AdaptedModel(nn.Module):
         return self.disable_adapters()
 
     # ---- merge ----------------------------------------------------------------------------
-    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Add the adapters' deltas into the base weights (default: the active adapters)."""
-        names = self.active_adapters if adapter_names is None else list(adapter_names)
-        for n in names:
-            self._check_name(n)
-            spec = method_for_config(self.peft_config[n])
-            if not spec.capabilities.mergeable:
-                raise MergeError(f"adapter '{n}' uses {spec.name}, which cannot be merged into the weights")
-        sites = list(self.sites())
-        self._refuse_tied(sites, names)
-        if safe_merge:  # check everything before writing anything
-            for site in sites:
-                for n in names:
-                    site.check_finite_merge(n)
-        for site in sites:
-            for n in site.merge_order(names):
-                site.merge(n)
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> list[RequantizationError]:
+        """Add the adapters' deltas into the base weights (default: the active adapters).
 
-    def _refuse_tied(self, sites: list[AdaptedSite], names: list[str]) -> None:
-        """Merging into a weight shared with another module (tied embeddings) would change both."""
-        owners: dict[int, list[str]] = {}
-        for path, p in self.base_model.named_parameters(remove_duplicate=False):
-            owners.setdefault(id(p), []).append(path)
-        for site in sites:
-            params = dict(site.base_layer.named_parameters())
-            for n in names:
-                if n not in site.deltas or n in site.merged:
-                    continue
-                for key in site.deltas[n].delta_weight():
-                    shared = owners.get(id(params.get(key)), [])
-                    if len(shared) > 1:
-                        raise MergeError(f"cannot merge adapter '{n}' into '{site.path}.{key}': that weight is "
-                                         f"tied to {sorted(shared)}, so merging would change all of them; "
-                                         f"keep this adapter unmerged or do not target tied modules")
+        Every check (mergeable, tied weights, delta keys and shapes, quantized support, finiteness
+        with `safe_merge`) runs before the first write; a MergeError names the adapter, method and
+        layer, and a write failing later undoes this call's merges. Returns, and keeps as
+        `last_merge_report`, one `RequantizationError` (path, param, adapter, max_abs, rel_fro)
+        per quantized weight requantized; float weights hold W + dW as computed."""
+        return merging.merge(self, adapter_names, safe_merge)
 
     def unmerge(self) -> None:
         """Undo every merge."""
@@ -244,9 +222,16 @@ class AdaptedModel(nn.Module):
         """Adapters merged into at least one site."""
         return sorted({n for s in self.sites() for n in s.merged})
 
-    def merge_and_unload(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> nn.Module:
-        """Merge the adapters and return the plain base model with no adapter modules left."""
-        self.merge(adapter_names, safe_merge)
+    def merge_and_unload(self, adapter_names: list[str] | None = None, safe_merge: bool = False,
+                         dtype: torch.dtype | None = None) -> nn.Module:
+        """Merge the adapters and return the plain base model with no adapter modules left.
+
+        With `dtype`, every quantized linear becomes an nn.Linear holding dequant(W) + dW in `dtype`
+        (no requantization); without it, quantized layers are requantized (see `merge`)."""
+        if dtype is None:
+            self.merge(adapter_names, safe_merge)
+        else:
+            merging.merge_dequantized(self, adapter_names, safe_merge, dtype)
         return self._strip_sites()
 
     def unload(self) -> nn.Module:
@@ -363,6 +348,12 @@ class AdaptedModel(nn.Module):
         return Grouping.build(list(adapter_names))
 
     # ---- PEFT-familiar reporting -------------------------------------------------------------
+    def generate(self, *args, **kwargs):
+        """transformers' generate of the base model with the active adapters applied at every step."""
+        from .generation import generate_with_adapters
+
+        return generate_with_adapters(self, *args, **kwargs)
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameter counts."""
         rep = trainable_report(self)

@@ -218,10 +218,13 @@ class AdaptedSite(nn.Module):
         rank = {"weight": 0, "input": 1, "output": 2}
         return sorted((n for n in names if n in self.deltas), key=lambda n: rank.get(self.deltas[n].kind, 2))
 
-    def merge(self, name: str, safe: bool = False) -> None:
-        """Add adapter `name`'s delta into the base weights (safe: refuse non-finite results first)."""
+    def merge(self, name: str, safe: bool = False) -> dict[str, tuple[float, float]]:
+        """Add adapter `name`'s delta into the base weights (safe: refuse non-finite results first).
+
+        Returns {param: (max |stored - exact|, ||stored - exact||_F / ||exact||_F)} for each packed
+        (quantized) weight written; empty for float layers, which store the sum as computed."""
         if name in self.merged or name not in self.deltas:
-            return
+            return {}
         dw, new = self.merged_params(name)
         if safe:
             self._refuse_nonfinite(name, new)
@@ -229,18 +232,25 @@ class AdaptedSite(nn.Module):
         snaps = {k: layers.snapshot_param(base, k) for k in new if layers.is_packed(base, k)}
         if snaps:
             self._merge_snapshots[name] = snaps
+        errors = {}
         for k, t in new.items():
-            layers.write_param(base, k, t)
+            if not self.deltas[name].merged_write(k, t):
+                layers.write_param(base, k, t)
+            if k in snaps:
+                diff = layers.param_value(base, k) - t
+                errors[k] = (float(diff.abs().max()), float(diff.norm() / t.norm().clamp_min(1e-30)))
         if self.deltas[name].weight_dependent:
             self._merge_cache[name] = dw
         self.merged.append(name)
         self._seen_version = -1
+        return errors
 
-    def unmerge(self) -> None:
-        """Subtract every merged delta again, most recent first (quantized weights: restored exactly)."""
+    def unmerge(self, keep: int = 0) -> None:
+        """Subtract merged deltas again, most recent first, until `keep` remain (quantized weights:
+        restored exactly)."""
         base = self.base_layer
         self._seen_version = -1
-        while self.merged:
+        while len(self.merged) > keep:
             name = self.merged.pop()
             dw = self._merge_cache.pop(name, None)
             snaps = self._merge_snapshots.pop(name, {})
