@@ -5,12 +5,13 @@ from .config import LoraConfig
 from .deltas import LAYERS, LoraConv, LoraDelta, LoraEmbedding, LoraLinear
 from .hotswap import hotswap_adapter, hotswap_adapter_from_state, prepare_hotswap
 from .inits import INITS, InitContext, InitResult, register_init
+from .loftq import replace_lora_weights_loftq
 from .variants import VARIANTS, Variant, register_variant
 
 register("lora", LoraConfig, LoraDelta, Capabilities(mergeable=True, mixed_batch=True, layer_types=LAYERS,
                                                      quantized_base=True, peft_compatible=True),
-         exports=(prepare_hotswap, hotswap_adapter, hotswap_adapter_from_state))
+         exports=(prepare_hotswap, hotswap_adapter, hotswap_adapter_from_state, replace_lora_weights_loftq))
 
 __all__ = ["INITS", "InitContext", "InitResult", "LoraConfig", "LoraConv", "LoraDelta", "LoraEmbedding",
            "LoraLinear", "VARIANTS", "Variant", "hotswap_adapter", "hotswap_adapter_from_state", "prepare_hotswap",
-           "register_init", "register_variant"]
+           "register_init", "replace_lora_weights_loftq", "register_variant"]

@@ -20,7 +20,7 @@ class LoraConfig(AdapterConfig):
     peft_type = "LORA"
     peft_names = {"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights"}
     peft_inert = {"megatron_config": None, "megatron_core": "megatron.core", "trainable_token_indices": None,
-                  "loftq_config": {}, "eva_config": None, "corda_config": None, "lora_ga_config": None,
+                  "eva_config": None, "corda_config": None, "lora_ga_config": None,
                   "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False,
                   "qalora_group_size": 16, "monteclora_config": None, "layer_replication": None,
                   "lora_bias": False, "target_parameters": None, "use_bdlora": None, "arrow_config": None,
@@ -36,6 +36,8 @@ class LoraConfig(AdapterConfig):
     bias: str = "none"
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    # PEFT's LoftQConfig as a dict: {"loftq_bits": 4 | 8, "loftq_iter": >= 1}; used with init="loftq".
+    loftq_config: dict[str, int] = field(default_factory=dict)
 
     def validate(self) -> None:
         super().validate()
@@ -43,9 +45,27 @@ class LoraConfig(AdapterConfig):
             if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
                 raise ConfigError(f"LoraConfig.{key}: rank must be a positive integer, got {r!r}")
         get_init(self.init)
+        self._check_loftq()
         if self.bias != "none":
             raise ConfigError(f"LoraConfig.bias: only 'none' is supported (use BitFitConfig to train biases), "
                               f"got {self.bias!r}")
+
+    def _check_loftq(self) -> None:
+        cfg = self.loftq_config
+        if self.init != "loftq":
+            if cfg:
+                raise ConfigError(f"LoraConfig: field 'loftq_config'={cfg!r} is not supported with "
+                                  f"init={self.init!r}; set init='loftq' (init_lora_weights='loftq')")
+            return
+        if not isinstance(cfg, dict) or set(cfg) - {"loftq_bits", "loftq_iter"}:
+            raise ConfigError(f"LoraConfig.loftq_config: expected a dict with keys loftq_bits, loftq_iter; got {cfg!r}")
+        if cfg.get("loftq_bits", 4) not in (4, 8):
+            raise ConfigError(f"LoraConfig.loftq_config['loftq_bits']: expected 4 or 8, got {cfg['loftq_bits']!r}")
+        it = cfg.get("loftq_iter", 1)
+        if not isinstance(it, int) or isinstance(it, bool) or it < 1:
+            raise ConfigError(f"LoraConfig.loftq_config['loftq_iter']: expected an integer >= 1, got {it!r}")
+        if set(cfg) != {"loftq_bits", "loftq_iter"}:  # PEFT's LoftQConfig defaults, written out as PEFT stores them
+            self.loftq_config = {"loftq_bits": 4, "loftq_iter": 1, **cfg}
 
     @property
     def variant(self) -> str:
