@@ -47,5 +47,6 @@ def _has_bias(path: str, module: nn.Module) -> bool:
     return isinstance(module, _LAYERS) and isinstance(getattr(module, "bias", None), torch.Tensor)
 
 
-register("bitfit", BitFitConfig, BitFitDelta, Capabilities(mergeable=True, mixed_batch=True, layer_types=_LAYERS),
+register("bitfit", BitFitConfig, BitFitDelta,
+         Capabilities(mergeable=True, mixed_batch=True, layer_types=_LAYERS, quantized_base=True),
          default_targets=_has_bias)

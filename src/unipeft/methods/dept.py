@@ -65,15 +65,15 @@ class DeptDelta(PromptDelta):
     def prompt(self) -> torch.Tensor:
         return self.prompt_embeddings
 
-    def update_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
-        length = embeds.shape[1]
-        if length > self.max_length:
-            raise ConfigError(f"DePT adapter at '{self.path}': the input has {length} tokens but "
+    def update_embeds(self, embeds: torch.Tensor, start: int = 0) -> torch.Tensor:
+        end = start + embeds.shape[1]
+        if end > self.max_length:
+            raise ConfigError(f"DePT adapter at '{self.path}': the input has {end} tokens but "
                               f"DeptConfig.max_length is {self.max_length}; truncate inputs or raise max_length")
-        update = self.lora_embedding_A[:length] @ self.lora_embedding_B
+        update = self.lora_embedding_A[start:end] @ self.lora_embedding_B
         return embeds + update.to(embeds.dtype)
 
 
 register("dept", DeptConfig, DeptDelta,
-         Capabilities(mergeable=False, mixed_batch=False, layer_types=(nn.Embedding,)),
+         Capabilities(mergeable=False, mixed_batch=False, layer_types=(nn.Embedding,), quantized_base=True),
          default_targets=is_input_embedding)

@@ -79,5 +79,5 @@ class LNTuningDelta(FullCopyDelta):
 register("modules_to_save", ModulesToSaveConfig, ModulesToSaveDelta,
          Capabilities(mergeable=True, mixed_batch=True, layer_types=(nn.Module,)), internal=True)
 register("ln_tuning", LNTuningConfig, LNTuningDelta,
-         Capabilities(mergeable=True, mixed_batch=True, layer_types=(NormLayer,), peft_compatible=True),
+         Capabilities(mergeable=True, mixed_batch=True, layer_types=(NormLayer,), peft_compatible=True, quantized_base=True),
          default_targets=lambda path, m: isinstance(m, NormLayer))

@@ -134,4 +134,5 @@ def fuse(model, adapter_name: str, sources: list[str], mode: str = "fusion", tem
 
 
 register("fusion", FusionConfig, FusionDelta,
-         Capabilities(mergeable=False, mixed_batch=True, layer_types=layers.MATRIX_LAYERS), exports=(fuse,))
+         Capabilities(mergeable=False, mixed_batch=True, layer_types=layers.MATRIX_LAYERS, quantized_base=True),
+         exports=(fuse,))

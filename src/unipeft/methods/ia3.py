@@ -78,4 +78,4 @@ class IA3Delta(Delta):
 
 register("ia3", IA3Config, IA3Delta, Capabilities(mergeable=True, mixed_batch=True,
                                                   layer_types=layers.MATRIX_LAYERS + (nn.Conv1d, nn.Conv2d),
-                                                  peft_compatible=True))
+                                                  peft_compatible=True, quantized_base=True))

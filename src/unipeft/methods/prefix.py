@@ -5,6 +5,9 @@ an MLP from a smaller embedding (`prefix_projection`, a training-time reparametr
 is handed to the model as `past_key_values` (a DynamicCache) with the attention mask extended
 by the prefix length, exactly as PEFT does. Models whose top-level forward has no
 `past_key_values` (BERT classifiers) get it at their backbone through a one-call hook.
+
+With the KV cache (generation): an empty cache passed in (transformers' generate makes one) is
+filled with the prefix; a filled one already holds it, so only the mask grows by the prefix.
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ from torch import nn
 
 from ..core.errors import ConfigError, TargetError
 from ..core.registry import Capabilities, register
-from .prompts import PromptLearningConfig, ReparametrizedPrompt, _model_config, extend_masks, is_input_embedding
+from .prompts import (PromptLearningConfig, ReparametrizedPrompt, _model_config, cache_length, extend_cached_mask,
+                      extend_masks, is_input_embedding)
 
 
 @dataclass
@@ -90,29 +94,46 @@ class PrefixDelta(ReparametrizedPrompt):
             return
         super().import_state(tensors)
 
-    def past_key_values(self, batch: int, dtype: torch.dtype):
-        """PEFT's layout: (n, L*2*d) -> L pairs of (batch, heads, n, head_dim) in a DynamicCache."""
-        from transformers import DynamicCache
-
+    def key_values(self, batch: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """PEFT's layout: (n, L*2*d) -> L pairs of (batch, heads, n, head_dim)."""
         n, heads = self.num_virtual_tokens, self.num_heads
         kv = self.prompt().to(dtype).view(n, self.num_layers * 2, heads, self.token_dim // heads)
         kv = kv.unsqueeze(0).expand(batch, -1, -1, -1, -1).permute(2, 0, 3, 1, 4).split(2)
-        return DynamicCache(tuple((pair[0], pair[1]) for pair in kv))
+        return [(pair[0], pair[1]) for pair in kv]
+
+    def past_key_values(self, batch: int, dtype: torch.dtype):
+        """The prefix as a DynamicCache."""
+        from transformers import DynamicCache
+
+        return DynamicCache(tuple(self.key_values(batch, dtype)))
 
     def prepare_inputs(self, model, kwargs: dict):
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         if ids is None and embeds is None:
             raise ConfigError("a prefix adapter needs input_ids= or inputs_embeds= in the model call")
-        if kwargs.get("past_key_values") is not None:
-            raise ConfigError("prefix tuning supplies past_key_values itself; generation with a cache is not "
-                              "supported yet, call the model without past_key_values")
         batch = (ids if ids is not None else embeds).shape[0]
         dtype = embeds.dtype if embeds is not None else self.embedding.weight.dtype
         n = self.num_virtual_tokens
-        extend_masks(kwargs, batch, n, token_types=False)  # token types cover the real tokens only
+        given = kwargs.get("past_key_values")
+        past = cache_length(given)
         if kwargs.get("position_ids") is not None:  # positions continue after the prefix (PEFT)
             kwargs["position_ids"] = kwargs["position_ids"] + n
-        cache = self.past_key_values(batch, dtype)
+        if past:  # the cache starts with the prefix an earlier call put there
+            if past < n:
+                raise ConfigError(f"prefix adapter at '{self.path}': past_key_values holds {past} positions, fewer "
+                                  f"than its {n} prefix positions; pass a cache made by an earlier call through it")
+            extend_cached_mask(kwargs, batch, n, past, (ids if ids is not None else embeds).shape[1])
+            return kwargs, None
+        extend_masks(kwargs, batch, n, token_types=False)  # token types cover the real tokens only
+        if given is None:
+            cache = self.past_key_values(batch, dtype)
+        elif hasattr(given, "update"):  # an empty Cache: fill it in place (the caller keeps using it)
+            for layer, (key, value) in enumerate(self.key_values(batch, dtype)):
+                given.update(key, value, layer)
+            cache = given
+        else:
+            raise ConfigError(f"prefix adapter at '{self.path}': past_key_values must be a transformers Cache, "
+                              f"got {type(given).__name__}")
         backbone = _backbone_with_cache(model.base_model)
         if backbone is None:
             kwargs["past_key_values"] = cache
@@ -128,5 +149,5 @@ class PrefixDelta(ReparametrizedPrompt):
 
 
 register("prefix_tuning", PrefixTuningConfig, PrefixDelta,
-         Capabilities(mergeable=False, mixed_batch=False, layer_types=(nn.Embedding,), peft_compatible=True),
+         Capabilities(mergeable=False, mixed_batch=False, layer_types=(nn.Embedding,), peft_compatible=True, quantized_base=True),
          default_targets=is_input_embedding)

@@ -6,6 +6,10 @@ passes its output through unchanged, and `prepare_inputs` rewrites the forward's
 inputs (embeds the ids, prepends the virtual tokens, extends the attention mask, token type
 ids and token labels). Token-level logits are returned for the input positions only, so
 `out.logits` lines up with `input_ids` (PEFT's equals `logits[:, num_virtual_tokens:]`).
+
+With a filled `past_key_values` (generation after the first step) the cache already holds the
+virtual tokens: only the new tokens are embedded and the attention mask, which covers the real
+tokens only, is extended by the virtual positions.
 """
 from __future__ import annotations
 
@@ -95,11 +99,12 @@ class PromptDelta(Delta):
         """The (num_virtual_tokens, token_dim) virtual token embeddings."""
         raise NotImplementedError
 
-    def update_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
-        """Hook for changes to the input token embeddings themselves (DePT)."""
+    def update_embeds(self, embeds: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Hook for changes to the input token embeddings themselves (DePT); `start`: the real position
+        of the first one (non-zero when a cache holds the earlier tokens)."""
         return embeds
 
-    def embed_inputs(self, model, kwargs: dict) -> torch.Tensor:
+    def embed_inputs(self, model, kwargs: dict, start: int = 0) -> torch.Tensor:
         """The input embeddings (through the embedding site, so other adapters there still apply)."""
         embeds = kwargs.pop("inputs_embeds", None)
         ids = kwargs.pop("input_ids", None)
@@ -107,9 +112,24 @@ class PromptDelta(Delta):
             if ids is None:
                 raise ConfigError("a prompt adapter needs input_ids= or inputs_embeds= in the model call")
             embeds = model.base_model.get_submodule(self.path)(ids)
-        return self.update_embeds(embeds)
+        return self.update_embeds(embeds, start)
+
+    def continue_inputs(self, model, kwargs: dict, past: int):
+        """A call on a cache of `past` positions whose first n are this adapter's virtual tokens."""
+        n = self.num_virtual_tokens
+        if past < n:
+            raise ConfigError(f"prompt adapter at '{self.path}': past_key_values holds {past} positions, fewer than "
+                              f"its {n} virtual tokens; pass a cache made by an earlier call through this adapter")
+        embeds = self.embed_inputs(model, kwargs, past - n)
+        kwargs["inputs_embeds"] = embeds
+        extend_cached_mask(kwargs, embeds.shape[0], n, past, embeds.shape[1])
+        kwargs["position_ids"] = None  # positions follow the cache, as without one
+        return kwargs, None
 
     def prepare_inputs(self, model, kwargs: dict):
+        past = cache_length(kwargs.get("past_key_values"))
+        if past:
+            return self.continue_inputs(model, kwargs, past)
         embeds = self.embed_inputs(model, kwargs)
         batch, length = embeds.shape[:2]
         n = self.num_virtual_tokens
@@ -133,6 +153,27 @@ def extend_masks(kwargs: dict, batch: int, n: int, token_types: bool = True) -> 
     types = kwargs.get("token_type_ids")
     if token_types and types is not None:
         kwargs["token_type_ids"] = torch.cat((types.new_zeros(batch, n), types), dim=1)
+
+
+def cache_length(cache) -> int:
+    """Positions held by a past_key_values cache (0: none or an empty one)."""
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return int(cache[0][0].shape[-2]) if len(cache) else 0  # legacy tuple of (key, value) per layer
+
+
+def extend_cached_mask(kwargs: dict, batch: int, n: int, past: int, new: int) -> None:
+    """With a cache of `past` positions (n virtual): check the real-token 2-D mask and prepend n ones."""
+    mask = kwargs.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return
+    if mask.shape[1] != past - n + new:
+        raise ConfigError(f"attention_mask covers {mask.shape[1]} positions; with a cache of {past} positions "
+                          f"({n} of them virtual tokens) and {new} new tokens it must cover the {past - n + new} "
+                          f"real ones")
+    kwargs["attention_mask"] = torch.cat((mask.new_ones(batch, n), mask), dim=1)
 
 
 def strip_virtual_positions(out, n: int, total: int):
@@ -309,6 +350,7 @@ class PTuningDelta(ReparametrizedPrompt):
         return self.mlp_head(h)
 
 
-_CAPS = Capabilities(mergeable=False, mixed_batch=False, layer_types=(nn.Embedding,), peft_compatible=True)
+_CAPS = Capabilities(mergeable=False, mixed_batch=False, layer_types=(nn.Embedding,), peft_compatible=True,
+                     quantized_base=True)
 register("prompt_tuning", PromptTuningConfig, PromptTuningDelta, _CAPS, default_targets=is_input_embedding)
 register("p_tuning", PTuningConfig, PTuningDelta, _CAPS, default_targets=is_input_embedding)

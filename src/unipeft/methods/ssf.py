@@ -56,4 +56,5 @@ class SSFDelta(Delta):
         return {"weight": dw, "bias": b * g + self.ssf_shift}
 
 
-register("ssf", SSFConfig, SSFDelta, Capabilities(mergeable=True, mixed_batch=True, layer_types=(LayerWithBias,)))
+register("ssf", SSFConfig, SSFDelta,
+         Capabilities(mergeable=True, mixed_batch=True, layer_types=(LayerWithBias,), quantized_base=True))

@@ -18,7 +18,7 @@ from ...core import layers
 from ...core.delta import Delta
 from ...core.errors import ConfigError, TargetError
 
-# Layers whose weight is one (out, in) matrix; quantized bases are refused through the capability table.
+# Layers whose weight is one (out, in) matrix (quantized linears included: read through the dense view).
 SPARSE_LAYERS = layers.MATRIX_LAYERS
 # Bound on (rows x selected entries) held at once by the chunked fallback of the backward.
 CHUNK_ELEMENTS = 1 << 22

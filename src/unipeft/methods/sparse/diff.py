@@ -123,4 +123,4 @@ class DiffPruningCallback(TrainerCallback):
 
 
 register("diff_pruning", DiffPruningConfig, DiffPruningDelta,
-         Capabilities(mergeable=True, mixed_batch=True, layer_types=SPARSE_LAYERS))
+         Capabilities(mergeable=True, mixed_batch=True, layer_types=SPARSE_LAYERS, quantized_base=True))

@@ -85,4 +85,5 @@ class S2ftDelta(Delta):
         return f"s2ft_{key}"
 
 
-register("s2ft", S2ftConfig, S2ftDelta, Capabilities(mergeable=True, mixed_batch=True, layer_types=SPARSE_LAYERS))
+register("s2ft", S2ftConfig, S2ftDelta,
+         Capabilities(mergeable=True, mixed_batch=True, layer_types=SPARSE_LAYERS, quantized_base=True))

@@ -135,4 +135,5 @@ class SaraCallback(TrainerCallback):
             load_selection_state(self._deltas(), state["selection"])
 
 
-register("sara", SaraConfig, SaraDelta, Capabilities(mergeable=True, mixed_batch=True, layer_types=SPARSE_LAYERS))
+register("sara", SaraConfig, SaraDelta,
+         Capabilities(mergeable=True, mixed_batch=True, layer_types=SPARSE_LAYERS, quantized_base=True))

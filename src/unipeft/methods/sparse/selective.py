@@ -160,6 +160,6 @@ class HftCallback(_PeriodicSelection):
         return chosen
 
 
-_CAPS = Capabilities(mergeable=True, mixed_batch=True, layer_types=SPARSE_LAYERS)
+_CAPS = Capabilities(mergeable=True, mixed_batch=True, layer_types=SPARSE_LAYERS, quantized_base=True)
 register("lisa", LisaConfig, LisaDelta, _CAPS)
 register("hft", HftConfig, HftDelta, _CAPS)

@@ -148,4 +148,5 @@ class SpielCallback(TrainerCallback):
             load_selection_state(sparse_deltas(self.model, self.name, SpielDelta), state["selection"])
 
 
-register("spiel", SpielConfig, SpielDelta, Capabilities(mergeable=True, mixed_batch=True, layer_types=SPARSE_LAYERS))
+register("spiel", SpielConfig, SpielDelta,
+         Capabilities(mergeable=True, mixed_batch=True, layer_types=SPARSE_LAYERS, quantized_base=True))
