@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("unipeft.train.cli_train", "train a method from a YAML run config (accelerate: 1 or N processes)"),
     "eval": ("unipeft.train.cli_eval", "metrics of a finished run on a split or a data file"),
     "predict": ("unipeft.train.cli_predict", "label or generation for input texts with a finished run"),
+    "generate": ("unipeft.train.cli_generate", "stream completions of prompts with a causal LM run or adapter folder"),
     "info": ("unipeft.train.cli_info", "trainable-parameter report of a config applied to its model, no training"),
     "report": ("unipeft.train.cli_report", "draw a run's metrics.jsonl (loss, learning rate, valid metrics) as a PNG"),
     "kg": ("unipeft.kg.cli", "complex query answering over knowledge graphs (CQD, CQD^A) on UMLS/Kinships/Nations"),

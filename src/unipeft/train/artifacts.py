@@ -11,7 +11,6 @@ import yaml
 from torch import nn
 
 from ..core.errors import ConfigError
-from ..data.encode import encode_prompt_completion
 from ..data.splits import Splits
 from .config import RunConfig, config_from_dict
 from .models import load_base_model, load_tokenizer
@@ -41,7 +40,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     labels = list(summary.get("label_names") or [])
     tokenizer = load_tokenizer(cfg.model.name)
     in_features = int(summary.get("in_features") or 0)
-    base = load_base_model(cfg.model, cfg.task, labels, cfg.seed, in_features)
+    base = load_base_model(cfg.model, cfg.task, labels, cfg.seed, in_features, cfg.quantization)
     model = cfg.strategy.load(base, run_dir)
     return LoadedRun(cfg, model.eval(), tokenizer, labels, summary)
 
@@ -59,22 +58,12 @@ def classify(run: LoadedRun, texts: list[str], batch_size: int = 32) -> list[tup
     return out
 
 
-@torch.no_grad()
 def generate(run: LoadedRun, prompts: list[str], max_new_tokens: int = 32) -> list[str]:
-    """Greedy completions of each prompt (causal LM runs)."""
-    tok = run.tokenizer
-    outs = []
-    for prompt in prompts:
-        ids, _ = encode_prompt_completion(tok, prompt, None, run.cfg.data.max_length)
-        x = torch.tensor([ids])
-        gen = run.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tok.pad_token_id)
-        new = gen[0, x.shape[1]:].tolist()
-        eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
-        if eos in new:
-            new = new[:new.index(eos)]
-        outs.append(tok.decode(new, skip_special_tokens=True))
-    return outs
+    """Greedy completions of each prompt (causal LM runs; see train/generate.py)."""
+    from .generate import generate as generate_texts
+
+    return generate_texts(run.model, run.tokenizer, prompts, name=run.cfg.model.name, max_new_tokens=max_new_tokens,
+                          chat=bool(run.cfg.data.chat_template))
 
 
 def eval_splits(run: LoadedRun, data_file: str | None = None) -> Splits:
