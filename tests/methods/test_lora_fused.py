@@ -152,6 +152,19 @@ def test_plain_path_for_other_dtypes_and_hooks():
     assert not dora.delta_at("default", "q").fuses
 
 
+def test_bf16_autocast_takes_the_plain_path_with_the_same_result():
+    """Autocast chooses a dtype per op; the fused function's own GEMMs would mix bf16 and fp32."""
+    model = up.adapt(build("llama"), up.LoraConfig(r=4, alpha=8, target_modules="all-linear")).train()
+    randomise_b(model)
+    batch = inputs("llama")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_a, grads_a = step(model, batch)
+        set_fused(model, False)
+        out_p, grads_p = step(model, batch)
+    assert out_a.dtype == torch.bfloat16 and torch.equal(out_a, out_p)
+    assert set(grads_a) == set(grads_p) and all(torch.equal(grads_a[n], grads_p[n]) for n in grads_p)
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_recomputes_what_the_forward_did(reentrant):
     base = build("bert").train()

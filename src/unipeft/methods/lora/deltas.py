@@ -83,7 +83,8 @@ class LoraLinear(LoraDelta):
         """Base + LoRA through fused.py (one function per group of sites sharing `x`), or None."""
         base = self.base
         if (not self.fuses or x.dtype != self.lora_A.weight.dtype or base.weight.dtype != x.dtype
-                or base._forward_hooks or base._forward_pre_hooks or torch.compiler.is_compiling()):
+                or base._forward_hooks or base._forward_pre_hooks or torch.compiler.is_compiling()
+                or torch.is_autocast_enabled(x.device.type)):  # autocast picks its own dtypes per op
             return None
         ctx = self._ctx
         groups = ctx.scratch.get("lora.groups")
