@@ -165,7 +165,7 @@ def test_peqa_learns_a_row_scaling_target(kind):
 def l4q_model(bits: int = 4, group_size: int = 16):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 8))
-    adapted = up.adapt(model, up.L4QConfig(target_modules=["0"], r=4, lora_alpha=8, bits=bits,
+    adapted = up.adapt(model, up.L4QConfig(target_modules=["0"], r=4, alpha=8, bits=bits,
                                            group_size=group_size))
     return model, adapted, adapted.base_model[0].deltas["default"]
 
@@ -270,7 +270,7 @@ def test_onebit_storage_is_about_32x_smaller_than_fp32_lora(tmp_path):
 def onebit_model(granularity: str = "matrix"):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 4))
-    cfg = up.OneBitLoraConfig(target_modules=["0", "2"], r=4, lora_alpha=4, scale_granularity=granularity)
+    cfg = up.OneBitLoraConfig(target_modules=["0", "2"], r=4, alpha=4, scale_granularity=granularity)
     return model, up.adapt(model, cfg)
 
 

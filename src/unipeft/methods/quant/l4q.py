@@ -1,6 +1,6 @@
 """L4Q (Jeon et al. 2024): LoRA trained quantization-aware, so the merged weight is quantized.
 
-The site runs with the weight Q(W + s B A), s = lora_alpha / r, where Q is L4Q's uniform
+The site runs with the weight Q(W + s B A), s = alpha / r, where Q is L4Q's uniform
 asymmetric (LSQ+-style) quantizer over groups of `group_size` consecutive input features of each
 output row: Q(v) = clamp(round((v - beta) / alpha), 0, 2^bits - 1) · alpha + beta, with a learnable
 scale alpha and offset beta per group. round() passes gradients straight through (STE); clamp
@@ -34,19 +34,20 @@ from ._ste import RoundSTE
 
 @dataclass
 class L4QConfig(AdapterConfig):
-    """L4Q: out = Q(W + (lora_alpha / r) B A) x + bias, Q a learnable group-wise uniform quantizer."""
+    """L4Q: out = Q(W + (alpha / r) B A) x + bias, Q a learnable group-wise uniform quantizer."""
 
     peft_type = "L4Q"
+    peft_names = {"alpha": "lora_alpha"}
 
     r: int = positive_int(8)
-    lora_alpha: float = positive_number(16)
+    alpha: float = positive_number(16)  # scaling alpha / r (saved as lora_alpha, as LoRA)
     bits: int = ruled(4, Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and 2 <= v <= 8,
                               "an integer number of bits in 2..8"))
     group_size: int = positive_int(64)  # consecutive input features sharing one scale and offset
 
     @classmethod
     def example_fields(cls, candidates: list[str]) -> dict:
-        return {"r": 2, "lora_alpha": 4, "group_size": 8}
+        return {"r": 2, "alpha": 4, "group_size": 8}
 
 
 def group_index(in_features: int, group_size: int, device=None) -> torch.Tensor:
@@ -79,7 +80,7 @@ class L4QDelta(Delta):
         if geo.kind not in ("linear", "transposed"):
             raise TargetError(f"L4Q needs a float matrix layer, '{path}' is a {type(base).__name__}")
         self.r, self.bits = config.r, config.bits
-        self.scaling = config.lora_alpha / config.r
+        self.scaling = config.alpha / config.r
         self.group_size = min(config.group_size, geo.in_features)
         self.lora_A = nn.Parameter(torch.empty(config.r, geo.in_features))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))

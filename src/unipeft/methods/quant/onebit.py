@@ -1,6 +1,6 @@
 """1-bit LoRA (in the spirit of BitDelta / OneBit): LoRA whose factors are sign-quantized.
 
-out = base(x) + s · Q(B) Q(A) x, s = lora_alpha / r, Q(w) = sign(w) · alpha(w) with sign(0) := +1
+out = base(x) + s · Q(B) Q(A) x, s = alpha / r, Q(w) = sign(w) · alpha(w) with sign(0) := +1
 and alpha(w) = mean |w| over the whole matrix (`scale_granularity="matrix"`) or each row ("row").
 The latent float A and B are the trained parameters; Q passes gradients straight through to them
 (STE, identity backward). B starts at 0, so alpha(B) = 0 and Q(B) = 0: a fresh adapter is
@@ -35,17 +35,18 @@ _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 @dataclass
 class OneBitLoraConfig(AdapterConfig):
-    """1-bit LoRA: out = base(x) + (lora_alpha / r) Q(B) Q(A) x, Q(w) = sign(w) mean|w|."""
+    """1-bit LoRA: out = base(x) + (alpha / r) Q(B) Q(A) x, Q(w) = sign(w) mean|w|."""
 
     peft_type = "ONEBIT_LORA"
+    peft_names = {"alpha": "lora_alpha"}
 
     r: int = positive_int(8)
-    lora_alpha: float = positive_number(8)
+    alpha: float = positive_number(8)  # scaling alpha / r (saved as lora_alpha, as LoRA)
     scale_granularity: str = choice("matrix", ("matrix", "row"))  # one scale per factor, or per row
 
     @classmethod
     def example_fields(cls, candidates: list[str]) -> dict:
-        return {"r": 2, "lora_alpha": 4}
+        return {"r": 2, "alpha": 4}
 
 
 def pack_signs(w: torch.Tensor) -> torch.Tensor:
@@ -75,7 +76,7 @@ class OneBitLoraDelta(Delta):
         if geo.kind not in ("linear", "transposed"):
             raise TargetError(f"1-bit LoRA needs a float matrix layer, '{path}' is a {type(base).__name__}")
         self.r = config.r
-        self.scaling = config.lora_alpha / config.r
+        self.scaling = config.alpha / config.r
         self.per_row = config.scale_granularity == "row"
         self.lora_A = nn.Parameter(torch.empty(config.r, geo.in_features))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
