@@ -81,3 +81,19 @@ def write_results(name: str, payload: dict, table: str, out_dir: Path = RESULTS)
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     (out_dir / f"{name}.md").write_text(table + "\n")
     return path
+
+
+def write_outputs(out: Path, res: dict, markdown: Callable[[dict], str], plot: Callable[[dict, Path], None],
+                  indent: int = 2) -> Path:
+    """A reproduction's results: `out` (JSON), the markdown table beside it (.md, also printed) and the PNG."""
+    from .plots import png_path
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=indent) + "\n")
+    table = markdown(res)
+    out.with_suffix(".md").write_text(table)
+    plot(res, png_path(out))
+    print(table)
+    return out
+

@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from .common import RESULTS, versions
-from .plots import bars, panels, png_path, save
+from .common import RESULTS, versions, write_outputs
+from .plots import bars, panels, save
 from .stats import compare, verdict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,13 +177,7 @@ def main(argv: list[str] | None = None) -> Path:
            "versions": {**versions(), "bitsandbytes": _bnb_version()}, **measure(a)}
     res["targets"] = targets(res)
     res["seconds"] = round(time.perf_counter() - started, 1)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(res))
-    plot(res, png_path(out))
-    print(markdown(res))
-    return out
+    return write_outputs(Path(a.out), res, markdown, plot, indent=1)
 
 
 if __name__ == "__main__":

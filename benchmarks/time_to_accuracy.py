@@ -18,7 +18,6 @@ Writes benchmarks/results/time_to_accuracy.json (or --out) with .md and .png bes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -265,7 +264,7 @@ def plot(res: dict, path: Path) -> Path:
 def main(argv: list[str] | None = None) -> Path:
     """Run both jobs (alternating order over repeats) and write the JSON, markdown and PNG."""
     from .fortunes_baselines import budget_overrides
-    from .plots import png_path
+    from .common import write_outputs
     from .run import choose_threads
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -305,13 +304,7 @@ def main(argv: list[str] | None = None) -> Path:
         r["unipeft"]["train_seconds"] / r["peft"]["train_seconds"] for r in repeats)
     res["same_trainable_params"] = r0["unipeft"]["trainable_params"] == r0["peft"]["trainable_params"]
     res["same_steps"] = r0["unipeft"]["steps"] == r0["peft"]["steps"]
-    out = args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(res))
-    plot(res, png_path(out))
-    print(markdown(res))
-    return out
+    return write_outputs(args.out, res, markdown, plot)
 
 
 if __name__ == "__main__":

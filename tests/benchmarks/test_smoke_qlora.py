@@ -23,7 +23,7 @@ def test_qlora_benchmark_writes_json_table_and_png(tmp_path):
     out = tmp_path / "qlora.json"
     qlora.main(["--steps", "1", "--ckpt-steps", "1", "--rounds", "1", "--eval-examples", "4", "--out", str(out)])
     res = load_json(out)
-    assert [qlora.key(r) for r in res["runs"]] == [f"{lib} {q} lora" for lib, q, _ in qlora.RUNS] + [
+    assert [qlora.key(r) for r in res["runs"]] == [f"{lib} {q} {m}" for lib, q, m in qlora.RUNS] + [
         "unipeft nf4 peqa"]
     assert [s["lr"] for s in res["peqa_search"]] == list(qlora.PEQA_LRS)
     by = {qlora.key(r): r for r in res["runs"]}

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
 import unipeft as up
 from unipeft.core import layers
+from ..interop._models import save_tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes", reason="needs bitsandbytes==0.50.2 (the `test` extra)")
 
@@ -27,12 +28,7 @@ KINDS = {
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     """A tiny Llama with biased linears (so BitFit/SSF have targets), saved as safetensors."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=128, max_position_embeddings=32, attention_bias=True, mlp_bias=True)
-    path = tmp_path_factory.mktemp("llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("llama"), attention_bias=True, mlp_bias=True)
 
 
 def load(path, kind: str) -> LlamaForCausalLM:

@@ -62,3 +62,14 @@ def output(model: nn.Module, batch: dict) -> torch.Tensor:
     if "x" in batch:
         return model(batch["x"])
     return model(**batch).logits
+
+
+def save_tiny_llama(path, seed: int = 0, **overrides):
+    """A tiny seeded Llama (vocab 96, hidden 64, 2 layers, grouped-query attention) saved as safetensors
+    in `path` (the folder a quantized base is loaded from); `overrides` change LlamaConfig fields."""
+    torch.manual_seed(seed)
+    fields = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, max_position_embeddings=32)
+    LlamaForCausalLM(LlamaConfig(**{**fields, **overrides})).save_pretrained(path)
+    return path
+

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
 import unipeft as up
 from unipeft.core import layers
+from ._models import save_tiny_llama
 
 pytest.importorskip("bitsandbytes", reason="needs bitsandbytes==0.50.2 (the `test` extra)")
 peft = pytest.importorskip("peft")
@@ -29,12 +30,7 @@ BATCH = {"input_ids": torch.randint(1, 96, (3, 9), generator=torch.Generator().m
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=128, max_position_embeddings=32)
-    path = tmp_path_factory.mktemp("llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("llama"))
 
 
 def load(path, kind: str) -> LlamaForCausalLM:

@@ -14,11 +14,12 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
 import unipeft as up
 from unipeft.core import layers
-from unipeft.methods.lora.loftq import loftq, quantize_dequantize
+from unipeft.methods.lora.loftq import quantize_dequantize
+from ..interop._models import save_tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes", reason="needs bitsandbytes==0.50.2 (the `test` extra)")
 peft_loftq = pytest.importorskip("peft.utils.loftq_utils")
@@ -142,12 +143,7 @@ def test_config_round_trip_and_errors():
 # ---- quantized bases: replace_lora_weights_loftq -------------------------------------------------
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=128, max_position_embeddings=32)
-    path = tmp_path_factory.mktemp("llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("llama"))
 
 
 def nf4_llama(path):

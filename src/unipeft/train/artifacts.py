@@ -66,6 +66,19 @@ def generate(run: LoadedRun, prompts: list[str], max_new_tokens: int = 32) -> li
                           chat=bool(run.cfg.data.chat_template))
 
 
+def input_lines(given: list[str], file: str | None, verb: str) -> list[str]:
+    """Inputs of `unipeft predict` / `generate`: the arguments, then the non-blank lines of --file ('-': stdin)."""
+    import sys
+
+    lines = list(given)
+    if file is not None:
+        source = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+        lines += [line for line in source.splitlines() if line.strip()]
+    if not lines:
+        raise ConfigError(f"{verb}: give inputs as arguments or with --file")
+    return lines
+
+
 def eval_splits(run: LoadedRun, data_file: str | None = None) -> Splits:
     """The run's own data splits, or a single file evaluated as the 'test' split."""
     from ..data.sources import load_data

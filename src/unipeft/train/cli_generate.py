@@ -48,17 +48,11 @@ def _unescape(text: str) -> str:
 def run(args: argparse.Namespace) -> int:
     """Print each completion followed by a newline, streamed as it is generated (unless --no-stream)."""
     import sys
-    from pathlib import Path
 
-    from ..core.errors import ConfigError
+    from .artifacts import input_lines
     from .generate import GenerationOptions, generate, load_for_generation
 
-    prompts = list(args.prompts)
-    if args.file is not None:
-        source = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
-        prompts += [line for line in source.splitlines() if line.strip()]
-    if not prompts:
-        raise ConfigError("generate: give prompts as arguments or with --file")
+    prompts = input_lines(args.prompts, args.file, "generate")
     options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, stop=[_unescape(s) for s in args.stop],
                                 chat=args.chat)

@@ -14,18 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print one line per input: `label<TAB>probability<TAB>text`, or the generated completion."""
-    import sys
-    from pathlib import Path
-
     from ..core.errors import ConfigError
-    from .artifacts import classify, generate, load_run
+    from .artifacts import classify, generate, input_lines, load_run
 
-    texts = list(args.texts)
-    if args.file is not None:
-        source = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
-        texts += [line for line in source.splitlines() if line.strip()]
-    if not texts:
-        raise ConfigError("predict: give texts as arguments or with --file")
+    texts = input_lines(args.texts, args.file, "predict")
     loaded = load_run(args.run_dir)
     if loaded.cfg.task == "classification":
         if loaded.tokenizer is None:
