@@ -1,6 +1,6 @@
 """fp32 LoRA vs NF4 QLoRA vs int8 LoRA vs PEQA on SmolLM2-135M-Instruct, unipeft beside PEFT + bitsandbytes.
 
-    python -m benchmarks.qlora [--steps 50] [--rounds 12] [--threads 2]
+    python -m benchmarks.qlora [--steps 40] [--rounds 10] [--eval-examples 48] [--threads 2]
 
 Task: define WordNet words (chat template, loss on the answer tokens; held-out words for test).
 Every configuration trains the same batches for the same number of steps in its own process with
@@ -164,10 +164,10 @@ def _bnb_version() -> str:
 
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=50, help="training steps of every configuration (same batches)")
+    p.add_argument("--steps", type=int, default=40, help="training steps of every configuration (same batches)")
     p.add_argument("--ckpt-steps", type=int, default=4, help="further steps with gradient checkpointing on")
-    p.add_argument("--rounds", type=int, default=12, help="alternating timing rounds per base precision")
-    p.add_argument("--eval-examples", type=int, default=64, help="validation and test examples evaluated")
+    p.add_argument("--rounds", type=int, default=10, help="alternating timing rounds per base precision")
+    p.add_argument("--eval-examples", type=int, default=48, help="validation and test examples evaluated")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS / "qlora.json"))
     a = p.parse_args(argv)

@@ -185,7 +185,7 @@ def memory_child(lib: str, quant: str, method: str, steps: int, lr: float, ckpt_
     train = batches(sets["train"], steps + ckpt_steps + 1, pad)
     torch.manual_seed(0)
     rss0 = reset_peak()
-    base = load_base(lib, quant)
+    base = load_base(lib, quant).train()  # training mode from the start: see evaluate()
     with torch.no_grad():  # touch every weight once (mapped fp32 files become resident on first use)
         base(input_ids=train[0]["input_ids"][:1])
     load_peak = peak_mb_since(rss0)  # loading until the model has computed once
@@ -230,7 +230,7 @@ def timing_child(quant: str, rounds: int) -> dict:
     runs = {}
     for lib in ("unipeft", "peft"):
         torch.manual_seed(0)
-        model = adapt(lib, load_base(lib, quant), "lora")
+        model = adapt(lib, load_base(lib, quant).train(), "lora")
         model.train()
         runs[lib] = (model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3), False)
     if quant == "fp32":

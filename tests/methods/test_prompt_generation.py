@@ -1,7 +1,7 @@
 """Generation with the KV cache equals greedy decoding without it, for every prompt method and LoRA.
 
 Each adapter is trained a few steps first (so it changes the model), then 10 tokens are
-generated with transformers' generate (use_cache=True) through `adapted_generate` and
+generated with transformers' generate (use_cache=True) through `AdaptedModel.generate` and
 compared with recomputing the whole sequence through `AdaptedModel.forward` at every step.
 """
 from __future__ import annotations
@@ -11,7 +11,6 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import unipeft as up
-from unipeft.train.generate import adapted_generate
 
 VOCAB, NEW = 64, 10
 
@@ -81,9 +80,9 @@ def greedy_without_cache(model, ids: torch.Tensor, steps: int = NEW) -> tuple[li
 
 
 def cached(model, ids: torch.Tensor, use_cache: bool = True, **kw):
-    return adapted_generate(model, input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
-                            do_sample=False, use_cache=use_cache, return_dict_in_generate=True, output_logits=True,
-                            pad_token_id=0, **kw)
+    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
+                          do_sample=False, use_cache=use_cache, return_dict_in_generate=True, output_logits=True,
+                          pad_token_id=0, **kw)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -140,8 +139,8 @@ def test_sampling_with_a_seed_is_reproducible_and_tiny_top_p_is_greedy():
 
     def sample(seed, **kw):
         torch.manual_seed(seed)
-        return adapted_generate(model, input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
-                                do_sample=True, pad_token_id=0, **kw)
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
+                              do_sample=True, pad_token_id=0, **kw)
 
     a, b = sample(1, temperature=2.0, top_k=0), sample(1, temperature=2.0, top_k=0)
     assert torch.equal(a, b)

@@ -1,11 +1,11 @@
 """Text generation with a causal LM, plain or adapted: transformers' generate with the KV cache.
 
-`adapted_generate` runs transformers' `generate` on the base model of an AdaptedModel with every
-step prepared as `AdaptedModel.forward` would prepare it: input-side adapters (soft prompts,
-P-tuning, prefixes, DePT) act at the first step and continue on the cache afterwards; site
-adapters (LoRA, ...) sit in the base model's modules anyway. `generate` encodes prompts the way
-training encodes them, checks that they fit the context, and streams the completions through a
-callback, cut at the first stop string (never emitted, not even in part).
+An AdaptedModel's own `generate` (core/generation.py) prepares every step as its forward would:
+input-side adapters (soft prompts, P-tuning, prefixes, DePT) act at the first step and continue on
+the cache afterwards; site adapters (LoRA, ...) sit in the base model's modules anyway.
+`generate` encodes prompts the way training encodes them, checks that they fit the context, and
+streams the completions through a callback, cut at the first stop string (never emitted, not even
+in part).
 """
 from __future__ import annotations
 
@@ -17,12 +17,6 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError
-
-
-def adapted_generate(model: nn.Module, *args: Any, **kwargs: Any):
-    """`model.generate(*args, **kwargs)`: an AdaptedModel applies its active adapters at every step
-    (core/generation.py); any other model runs its own generate."""
-    return model.generate(*args, **kwargs)
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -209,9 +203,9 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], options: 
             emit = None if on_text is None else (lambda chunk, i=i: on_text(i, chunk))
             stream = TextStream(tokenizer, opts.stop, emit)
             x = torch.tensor([row], device=device)
-            gen = adapted_generate(model, input_ids=x, attention_mask=torch.ones_like(x),
-                                   stopping_criteria=[_stopping(stream, x.shape[1])], pad_token_id=pad,
-                                   eos_token_id=eos or None, **kwargs)
+            gen = model.generate(input_ids=x, attention_mask=torch.ones_like(x),
+                                 stopping_criteria=[_stopping(stream, x.shape[1])], pad_token_id=pad,
+                                 eos_token_id=eos or None, **kwargs)
             new = gen[0, x.shape[1]:].tolist()
             stream.update([t for t in new if t not in eos] if not stream.done else stream.tokens, final=True)
             outs.append(stream.text)
