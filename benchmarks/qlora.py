@@ -100,7 +100,8 @@ def targets(res: dict) -> list[dict]:
         point(f"{name} test perplexity / fp32 LoRA test perplexity", run["test"]["perplexity"] /
               fp32["test"]["perplexity"], 1.05, "<=", f"{run['test']['perplexity']:.3f} vs "
               f"{fp32['test']['perplexity']:.3f} after {fp32['steps']} steps, one seed (no band); untouched base "
-              f"{nf4['base_test']['perplexity']:.2f} in NF4 vs {fp32['base_test']['perplexity']:.2f} in fp32")
+              f"{(run['base_test'] or nf4['base_test'])['perplexity']:.2f} vs {fp32['base_test']['perplexity']:.2f} "
+              f"in fp32")
     for quant in ("nf4", "int8", "fp32"):
         s = res["timing"][quant]["samples"]
         c = compare(s["unipeft"], s["peft"])
