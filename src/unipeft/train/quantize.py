@@ -98,7 +98,8 @@ def load_quantized(path: str | Path, auto_cls: Any, quant: QuantizationConfig, *
             key = _model_key(name, expected)
             if key is None:
                 continue
-            value = value.to(torch.float32)
+            if value.is_floating_point():  # integer buffers (e.g. position ids) keep their dtype
+                value = value.to(torch.float32)
             if quantizer.param_needs_quantization(model, key):
                 param = convert.convert({key: [value]}, model=model, full_layer_name=key)[key]
                 owner, leaf = _owner(model, key)
@@ -154,10 +155,7 @@ def _model_key(name: str, expected: set[str]) -> str | None:
     """The model's name of a checkpoint tensor (a head-less checkpoint lacks the 'model.' prefix of a head model)."""
     if name in expected:
         return name
-    for prefix in ("model.",):
-        if prefix + name in expected:
-            return prefix + name
-    return None
+    return "model." + name if "model." + name in expected else None
 
 
 def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
