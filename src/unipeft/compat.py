@@ -12,13 +12,9 @@ from torch import nn
 from .core.config import AdapterConfig
 from .core.model import AdaptedModel
 from .interop.peft import apply_task_type
-from .methods.full_copy import LNTuningConfig as _LNTuning
-from .methods.ia3 import IA3Config as _IA3
+from .core.registry import public_methods
 from .methods.lora import LoraConfig as _Lora
 from .methods.lora import hotswap as _hotswap
-from .methods.prefix import PrefixTuningConfig as _Prefix
-from .methods.prompts import PromptTuningConfig as _Prompt
-from .methods.prompts import PTuningConfig as _PTuning
 
 
 class TaskType(str, enum.Enum):
@@ -38,34 +34,31 @@ def _from_peft_kwargs(cls: type[AdapterConfig], kwargs: dict[str, Any]) -> Adapt
     return cls.from_dict({**kwargs, "peft_type": cls.peft_type})
 
 
-def LoraConfig(**kwargs: Any) -> _Lora:  # noqa: N802 - mirrors PEFT's class name
-    """PEFT's LoraConfig field names (lora_alpha, lora_dropout, init_lora_weights...) -> up.LoraConfig."""
-    return _from_peft_kwargs(_Lora, kwargs)
+def _factory(cls: type[AdapterConfig]):
+    """PEFT's `<cls.peft_class>(**kwargs)`: PEFT's field names and enum values -> our config class."""
+    def make(**kwargs: Any) -> AdapterConfig:
+        return _from_peft_kwargs(cls, kwargs)
+    make.__name__ = make.__qualname__ = cls.peft_class
+    make.__doc__ = f"PEFT's {cls.peft_class} fields -> up.{cls.__name__} (method '{cls.method}')."
+    return make
 
 
-def IA3Config(**kwargs: Any) -> _IA3:  # noqa: N802
-    """PEFT's IA3Config fields -> up.IA3Config."""
-    return _from_peft_kwargs(_IA3, kwargs)
+def config_factories() -> dict[str, Any]:
+    """{PEFT config class name: factory} for every registered method whose config declares `peft_class`
+    itself (a subclass inheriting LoraConfig's name, e.g. a training strategy of LoRA, does not take it)."""
+    return {spec.config_cls.peft_class: _factory(spec.config_cls) for spec in public_methods().values()
+            if "peft_class" in vars(spec.config_cls) and spec.config_cls.peft_class}
 
 
-def LNTuningConfig(**kwargs: Any) -> _LNTuning:  # noqa: N802
-    """PEFT's LNTuningConfig fields -> up.LNTuningConfig."""
-    return _from_peft_kwargs(_LNTuning, kwargs)
+globals().update(config_factories())
 
 
-def PromptTuningConfig(**kwargs: Any) -> _Prompt:  # noqa: N802
-    """PEFT's PromptTuningConfig fields (prompt_tuning_init, prompt_tuning_init_text...) -> up.PromptTuningConfig."""
-    return _from_peft_kwargs(_Prompt, kwargs)
-
-
-def PrefixTuningConfig(**kwargs: Any) -> _Prefix:  # noqa: N802
-    """PEFT's PrefixTuningConfig fields -> up.PrefixTuningConfig."""
-    return _from_peft_kwargs(_Prefix, kwargs)
-
-
-def PromptEncoderConfig(**kwargs: Any) -> _PTuning:  # noqa: N802
-    """PEFT's PromptEncoderConfig (P-tuning) fields -> up.PTuningConfig."""
-    return _from_peft_kwargs(_PTuning, kwargs)
+def __getattr__(name: str):
+    """PEFT config names of methods registered after this module was imported."""
+    factories = config_factories()
+    if name in factories:
+        return factories[name]
+    raise AttributeError(f"module 'unipeft.compat' has no attribute {name!r}")
 
 
 def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default") -> AdaptedModel:
@@ -95,5 +88,5 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str, adapter_name: str
     _hotswap.hotswap_adapter(model, model_name_or_path, adapter_name)
 
 
-__all__ = ["IA3Config", "LNTuningConfig", "LoraConfig", "PeftModel", "PrefixTuningConfig", "PromptEncoderConfig",
-           "PromptTuningConfig", "TaskType", "get_peft_model", "hotswap_adapter", "prepare_model_for_compiled_hotswap"]
+__all__ = sorted(["PeftModel", "TaskType", "config_factories", "get_peft_model", "hotswap_adapter",
+                  "prepare_model_for_compiled_hotswap", *config_factories()])

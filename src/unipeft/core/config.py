@@ -31,7 +31,7 @@ class AdapterConfig:
     """Base of every method's config: where the method sits, plus the bookkeeping PEFT stores.
 
     Subclasses set `method` (registry name), `peft_type` (the on-disk type string),
-    `peft_names` (our field -> PEFT key), `peft_inert` (PEFT keys we do not model, with the
+    `peft_names` (our field -> PEFT key), `peft_class` (PEFT's config class name), `peft_inert` (PEFT keys we do not model, with the
     value at which they change nothing: any other value is an error, not a silent drop) and
     `not_in_peft` (our fields PEFT's config lacks: omitted from the file while unset).
     Keys nobody knows are dropped with a warning while empty (forward compatibility) and
@@ -49,6 +49,9 @@ class AdapterConfig:
     peft_names: ClassVar[dict[str, str]] = {}
     peft_inert: ClassVar[dict[str, Any]] = {}
     not_in_peft: ClassVar[tuple[str, ...]] = ()
+    # PEFT's config class for this method ("LoraConfig"); unipeft.compat exposes a factory under that
+    # name taking PEFT's field names. Empty: PEFT has no such method.
+    peft_class: ClassVar[str] = ""
     # Where this method's per-site tensors live in the file (PEFT's LoRA-style wrapper prefix).
     state_prefix: ClassVar[str] = "base_model.model."
     # Keyword inputs of a model call this method reads (e.g. "task_ids"): the AdaptedModel takes

@@ -66,6 +66,7 @@ class ModulesToSaveDelta(FullCopyDelta):
 class LNTuningConfig(AdapterConfig):
     """LayerNorm tuning: train copies of the normalisation layers (default: every *Norm module)."""
 
+    peft_class = "LNTuningConfig"
     peft_type = "LN_TUNING"
     not_in_peft = ("layers_to_transform", "layers_pattern")
 

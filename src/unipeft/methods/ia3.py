@@ -17,6 +17,7 @@ from ..core.targets import name_matches
 class IA3Config(AdapterConfig):
     """IA3: out = base(x) * l, or base(x * l) on `feedforward_modules`; l starts at ones."""
 
+    peft_class = "IA3Config"
     peft_type = "IA3"
     not_in_peft = ("layers_to_transform", "layers_pattern")
     feedforward_modules: list[str] | str | None = name_spec()

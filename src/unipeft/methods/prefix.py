@@ -28,6 +28,7 @@ class PrefixTuningConfig(PromptLearningConfig):
     """Prefix tuning: `num_virtual_tokens` trainable keys and values per layer (MLP-reparametrised if
     `prefix_projection`, hidden width `encoder_hidden_size`)."""
 
+    peft_class = "PrefixTuningConfig"
     peft_type = "PREFIX_TUNING"
     peft_inert = {"num_transformer_submodules": 1, "init_weights": None}
 

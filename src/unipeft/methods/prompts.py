@@ -199,6 +199,7 @@ class PromptTuningConfig(PromptLearningConfig):
     tokenizer folder `tokenizer_name_or_path`).
     """
 
+    peft_class = "PromptTuningConfig"
     peft_type = "PROMPT_TUNING"
     peft_names = {"init": "prompt_tuning_init", "init_text": "prompt_tuning_init_text"}
     peft_inert = {"num_transformer_submodules": 1, "tokenizer_kwargs": None}
@@ -276,6 +277,7 @@ class PromptTuningDelta(PromptDelta):
 class PTuningConfig(PromptLearningConfig):
     """P-tuning (Liu et al.): virtual tokens produced by a prompt encoder (MLP or bidirectional LSTM)."""
 
+    peft_class = "PromptEncoderConfig"
     peft_type = "P_TUNING"
     peft_names = {"encoder": "encoder_reparameterization_type"}
 

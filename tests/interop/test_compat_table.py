@@ -1,0 +1,33 @@
+"""unipeft.compat's PEFT-named config factories come from one table (each config's `peft_class`)."""
+from __future__ import annotations
+
+import dataclasses
+
+import peft
+import pytest
+
+import unipeft as up
+from unipeft import compat
+
+FACTORIES = compat.config_factories()
+
+
+def test_every_peft_compatible_method_has_a_factory_under_peft_class_name():
+    declared = {s.config_cls.peft_class for s in up.public_methods().values()
+                if s.capabilities.peft_compatible and "peft_class" in vars(s.config_cls)}
+    missing = [s.name for s in up.public_methods().values()
+               if s.capabilities.peft_compatible and not s.config_cls.peft_class]
+    assert not missing, f"peft_compatible methods without peft_class: {missing}"
+    assert declared <= set(FACTORIES) and {"LoraConfig", "IA3Config", "PromptEncoderConfig"} <= set(FACTORIES)
+    assert set(FACTORIES) <= set(compat.__all__)
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_factory_names_a_peft_class_and_every_written_key_is_a_peft_field(name):
+    peft_cls = getattr(peft, name)  # PEFT really has a config class of that name
+    peft_fields = {f.name for f in dataclasses.fields(peft_cls)}
+    cls = next(s.config_cls for s in up.public_methods().values() if vars(s.config_cls).get("peft_class") == name)
+    written = set(cls(**cls.example_fields(["x"])).to_dict())
+    assert written - peft_fields == set(), f"{name}: keys PEFT's class lacks"
+    made = FACTORIES[name]()  # PEFT's defaults are valid on our side too
+    assert isinstance(made, cls) and made.peft_type == peft_cls().peft_type.value
