@@ -39,6 +39,9 @@ class MethodSpec:
     internal: bool = field(default=False)  # building block (e.g. modules_to_save), not user-facing
     # Other public helpers of the method (e.g. `fuse`), exported by `unipeft` under their names.
     exports: tuple[Any, ...] = ()
+    # The method's registered strategies by kind, read when the table is built (LoRA: its inits and
+    # variants), so one registered later shows up: () -> {"init": [...], "variant": [...]}.
+    strategies: Callable[[], dict[str, list[str]]] | None = None
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -46,13 +49,15 @@ _METHODS: dict[str, MethodSpec] = {}
 
 def register(name: str, config_cls: type, delta_cls: type, capabilities: Capabilities,
              default_targets: Callable[[str, nn.Module], bool] | None = None,
-             internal: bool = False, exports: tuple[Any, ...] = ()) -> MethodSpec:
+             internal: bool = False, exports: tuple[Any, ...] = (),
+             strategies: Callable[[], dict[str, list[str]]] | None = None) -> MethodSpec:
     """Bind `name` to its config class, delta class and capabilities (the one edit that adds a method)."""
     old = _METHODS.get(name)
     if old is not None and (old.delta_cls is not delta_cls or old.config_cls is not config_cls):
         raise ValueError(f"method '{name}' is already registered")
     config_cls.method = name
-    spec = MethodSpec(name, config_cls, delta_cls, capabilities, default_targets, internal, tuple(exports))
+    spec = MethodSpec(name, config_cls, delta_cls, capabilities, default_targets, internal, tuple(exports),
+                      strategies)
     _METHODS[name] = spec
     return spec
 
@@ -98,7 +103,7 @@ def public_names() -> dict[str, Any]:
 
 
 def capability_table() -> list[dict]:
-    """One row per method: name, peft_type and its declared capabilities."""
+    """One row per method: name, peft_type, its declared capabilities and registered strategies."""
     rows = []
     for name, spec in sorted(public_methods().items()):
         c = spec.capabilities
@@ -106,5 +111,6 @@ def capability_table() -> list[dict]:
                      "mixed_batch": c.mixed_batch, "quantized_base": c.quantized_base,
                      "peft_compatible": c.peft_compatible,
                      "identity_at_init": spec.delta_cls.identity_at_init,
-                     "layer_types": [t.__name__ for t in c.layer_types]})
+                     "layer_types": [t.__name__ for t in c.layer_types],
+                     "strategies": spec.strategies() if spec.strategies else {}})
     return rows
