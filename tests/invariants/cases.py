@@ -9,6 +9,7 @@ configure fails the suite with a message saying what to declare; it is never ski
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import zlib
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from transformers import (BertConfig, BertForSequenceClassification, GPT2Config,
 from transformers.pytorch_utils import Conv1D
 
 import unipeft as up
+from unipeft.core.calibration import calibration_data
 from unipeft.core.site import AdaptedSite
 from unipeft.kg.complex import LinkPredictor
 
@@ -187,6 +189,7 @@ class Case:
     overrides: Overrides = field(default=lambda kind, targets: {})
     layer_types: tuple[type, ...] | None = None  # narrower than the method's declared types
     needs_head: bool = False  # uses modules_to_save=[HEADS[kind]]
+    calibration: str | None = None  # "activations" / "gradients": adapt_case passes calibration batches
 
     @property
     def spec(self):
@@ -206,6 +209,20 @@ EXTRA_CASES = [
     Case("poly-mhr-mu", "poly", lambda kind, targets: {"routing": "mhr_mu", "r": 2, "n_skills": 3}),
     Case("fusion-scalearn", "fusion", lambda kind, targets: {"mode": "scalearn", "r": 3, "style": "parallel"}),
 ]
+# LoRA's inits and variants as cases of their own (the randomized ones, pissa_niter_K and nlora, draw from
+# the global RNG and are covered by tests/methods/test_svd_inits.py). The base-editing ones leave a residual
+# in the base; the data-aware ones are adapted (and loaded) with calibration_batches(case, kind).
+_MATRIX = (nn.Linear, Conv1D)
+EXTRA_CASES += [Case(f"lora-{init}", "lora", lambda kind, targets, init=init: {"init": init}, layer_types=_MATRIX)
+                for init in ("pissa", "olora", "milora", "svfit", "sorsa", "loldu")]
+EXTRA_CASES += [
+    Case("lora-kasa", "lora", lambda kind, targets: {"kasa_config": {}}, layer_types=(nn.Linear,)),
+    Case("lora-corda", "lora", lambda kind, targets: {"init": "corda"}, layer_types=_MATRIX, calibration="activations"),
+    Case("lora-eva", "lora", lambda kind, targets: {"init": "eva"}, layer_types=_MATRIX, calibration="activations"),
+    Case("lora-lora_ga", "lora", lambda kind, targets: {"init": "lora_ga", "r": 1}, layer_types=_MATRIX,
+         calibration="gradients"),
+]
+
 
 
 def all_cases() -> list[Case]:
@@ -254,6 +271,27 @@ def applicable(case: Case, kind: str) -> bool:
     return bool(candidate_targets(case, kind))
 
 
+LOSS_KINDS = ("bert", "gpt2", "llama")  # models whose output has a .loss when given labels
+
+
+def calibration_batches(case: Case, kind: str) -> list[dict[str, torch.Tensor]] | None:
+    """Seeded calibration batches for a data-aware case (with labels for gradient-based inits), else None."""
+    if case.calibration is None:
+        return None
+    batches = [make_batch(kind, seed=s) for s in (21, 22, 23)]
+    if case.calibration == "gradients":
+        for b in batches:
+            b["labels"] = torch.arange(ROWS) % 3 if kind == "bert" else b["input_ids"]
+    return batches
+
+
+def loading(case: Case, kind: str):
+    """The context a saved adapter of `case` loads in: data-aware inits rebuild their residual from the
+    same calibration batches (core.calibration.calibration_data); others need nothing."""
+    batches = calibration_batches(case, kind)
+    return contextlib.nullcontext() if batches is None else calibration_data(batches)
+
+
 def make_config(case: Case, kind: str, targets: list[str] | None = None):
     """The case's config for model `kind`; `targets` narrows target_modules to those paths.
 
@@ -263,6 +301,8 @@ def make_config(case: Case, kind: str, targets: list[str] | None = None):
     spec = case.spec
     if case.needs_head and kind not in HEADS:
         pytest.skip(f"{case.id}: the {kind} model has no untied head for modules_to_save")
+    if case.calibration == "gradients" and kind not in LOSS_KINDS:
+        pytest.skip(f"{case.id}: the {kind} model gives no loss to take gradients of")
     candidates = list(candidate_targets(case, kind))
     if not candidates:
         pytest.skip(f"{case.id}: its layer types {[t.__name__ for t in spec.capabilities.layer_types]} "
@@ -292,9 +332,9 @@ def adapt_case(case: Case, kind: str, model: nn.Module, adapter_name: str = "def
     cfg = make_config(case, kind, targets)
     try:
         if into is not None:
-            into.add_adapter(adapter_name, cfg)
+            into.add_adapter(adapter_name, cfg, calibration=calibration_batches(case, kind))
             return into
-        return up.adapt(model, cfg, adapter_name)
+        return up.adapt(model, cfg, adapter_name, calibration=calibration_batches(case, kind))
     except up.UnipeftError as exc:
         pytest.fail(f"auto-configured {case.id} does not fit the {kind} toy model: {exc}. Add a case for it in "
                     f"OVERRIDES in tests/invariants/cases.py", pytrace=False)

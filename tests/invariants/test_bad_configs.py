@@ -9,8 +9,8 @@ from torch import nn
 
 import unipeft as up
 
-from .cases import (MODEL_KINDS, OVERRIDES, applicable, build_model, candidate_targets, make_batch,
-                    make_config, module_types, parametrize_cases, run)
+from .cases import (MODEL_KINDS, OVERRIDES, adapt_case, applicable, build_model, candidate_targets,
+                    make_batch, make_config, module_types, parametrize_cases, run)
 
 
 def _kind(case):
@@ -60,7 +60,7 @@ def test_add_adapter_failure_leaves_adapted_model_unchanged(case):
     kind = _kind(case)
     model = build_model(kind)
     batch = make_batch(kind)
-    adapted = up.adapt(model, make_config(case, kind))
+    adapted = adapt_case(case, kind, model)
     types, out = module_types(adapted), run(adapted, batch)
     targets = list(candidate_targets(case, kind))
     # The supported targets plus one unsupported module: nothing may be injected.

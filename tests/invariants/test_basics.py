@@ -31,8 +31,12 @@ def test_identity_at_init(case, kind):
     expected = run(model, batch)
     adapted = adapt_case(case, kind, model)
     assert adapter_params(adapted, "default"), "the adapter has no parameters"
-    # Exactly the base output: an untrained adapter must not change anything.
-    torch.testing.assert_close(run(adapted, batch), expected, rtol=0, atol=0)
+    if not all(d.identity_at_init for d in adapted.deltas("default")):
+        pytest.skip(f"{case.id}: its deltas declare they change the output at init (KaSA truncates the base)")
+    # Exactly the base output: an untrained adapter must not change anything. An init that leaves a
+    # residual in the base (PiSSA: W - sBA, plus sBA in the adapter) reproduces W up to float rounding.
+    tol = 1e-5 if any(s.edits for s in adapted.sites()) else 0.0
+    torch.testing.assert_close(run(adapted, batch), expected, rtol=tol, atol=tol)
 
 
 @parametrize_cases

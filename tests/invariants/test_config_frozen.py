@@ -7,7 +7,7 @@ import pytest
 
 import unipeft as up
 
-from .cases import MODEL_KINDS, applicable, build_model, make_config, parametrize_cases
+from .cases import MODEL_KINDS, applicable, build_model, calibration_batches, make_config, parametrize_cases
 
 
 def _kind(case):
@@ -21,8 +21,9 @@ def test_adapt_never_writes_the_users_config(case):
     kind = _kind(case)
     cfg = make_config(case, kind)
     before = copy.deepcopy(cfg.__dict__)
-    model = up.adapt(build_model(kind), cfg)
-    model.add_adapter("second", cfg)
+    data = calibration_batches(case, kind)
+    model = up.adapt(build_model(kind), cfg, calibration=data)
+    model.add_adapter("second", cfg, calibration=data)
     assert cfg.__dict__ == before, "adapt() wrote into the config object it was given"
     stored = model.peft_config["default"]
     assert stored is not cfg and stored is not model.peft_config["second"]

@@ -6,8 +6,8 @@ import torch
 
 import unipeft as up
 
-from .cases import (CASES, adapt_case, base_params, build_model, clone_state, make_batch, make_config, max_diff,
-                    module_types, no_adapter_modules, parametrize_cases, parametrize_kinds, perturb, run)
+from .cases import (CASES, adapt_case, base_params, build_model, calibration_batches, clone_state, make_batch,
+                    make_config, max_diff, module_types, no_adapter_modules, parametrize_cases, parametrize_kinds, perturb, run)
 
 
 def _mergeable(case):
@@ -109,7 +109,7 @@ def test_merge_into_tied_weight_raises(case, target):
     batch = make_batch("gpt2")
     cfg = make_config(case, "gpt2", targets=[target])
     try:
-        adapted = up.adapt(model, cfg)
+        adapted = up.adapt(model, cfg, calibration=calibration_batches(case, "gpt2"))
     except up.TargetError as exc:
         pytest.skip(f"{case.id} cannot adapt {target}: {exc}")
     perturb(adapted, "default", seed=1)

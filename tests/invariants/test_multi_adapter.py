@@ -74,8 +74,10 @@ def test_adapters_on_disjoint_targets_do_not_interfere(case, kind):
 
 
 def _merged_reference(adapted, batch, first, second):
-    """Output with `second` merged into the weights and `first` applied on top."""
-    adapted.set_adapter(first)
+    """Output with `second` merged into the weights and `first` applied on top (both active, so the
+    base holds both adapters' base-weight edits when their inits made some; a merged adapter's delta is
+    in the weights, not applied again)."""
+    adapted.set_adapter([first, second])
     adapted.merge([second])
     out = run(adapted, batch)
     adapted.unmerge()
@@ -126,6 +128,10 @@ def test_mixed_batch_rows_equal_per_adapter_runs(case, kind):
     assert len(rows) == next(iter(batch.values())).shape[0]
     if not case.spec.capabilities.mixed_batch:
         with pytest.raises(up.ConfigError, match="mixed"):
+            run(adapted, batch, adapter_names=rows)
+        return
+    if any(s.edits for s in adapted.sites()):  # rows share the base weights an init edited (PiSSA's residual)
+        with pytest.raises(up.ConfigError, match="edits the base weights.*mixed per row"):
             run(adapted, batch, adapter_names=rows)
         return
     expected = {}

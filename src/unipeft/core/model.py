@@ -12,7 +12,7 @@ from .config import AdapterConfig
 from .delta import Delta
 from .errors import ConfigError, MergeError
 from .injection import plan_injection
-from . import layers, merging, state
+from . import edits, layers, merging, state
 from .merging import RequantizationError
 from .registry import method_for_config
 from .report import trainable_report
@@ -123,7 +123,8 @@ class AdaptedModel(nn.Module):
                               f"other than {BASE_NAME!r}")
         if adapter_name in self.peft_config:
             raise ConfigError(f"adapter '{adapter_name}' already exists; delete_adapter() it first")
-        config, new_deltas, bank, edits = plan_injection(self.base_model, config, calibration)
+        with self.disable_adapters():  # inits and calibration see the original base, whatever is active
+            config, new_deltas, bank, base_edits = plan_injection(self.base_model, config, calibration)
         layers.keep_training_layout(self.base_model)  # gradients through every 4-bit layer
         # All deltas were built without error: only now touch the model.
         sites = self._sites
@@ -136,8 +137,8 @@ class AdaptedModel(nn.Module):
             delta.requires_grad_(False)
             delta.bind(self._ctx)
             site.deltas[adapter_name] = delta
-        for path, edit in edits.items():
-            sites[path].apply_edits(adapter_name, edit)
+        for path, edit in base_edits.items():
+            sites[path].edits.add(adapter_name, edit)  # held in the base while the adapter is active
         if bank is not None:
             bank.requires_grad_(False)
             self.banks[adapter_name] = bank
@@ -149,6 +150,7 @@ class AdaptedModel(nn.Module):
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for n in names:
             self._check_name(n)
+        edits.sync_sites(self._sites.values(), names)  # base-weight edits follow the active set
         self._ctx.active[:] = names
         self._ctx.version += 1
         for site in self.sites():
@@ -163,9 +165,9 @@ class AdaptedModel(nn.Module):
         for site in list(self.sites()):
             if adapter_name in site.merged:
                 raise MergeError(f"adapter '{adapter_name}' is merged; unmerge() before deleting it")
-            site.check_edits_removable(adapter_name)
+            site.edits.check([n for n in self._ctx.active if n != adapter_name], bool(site.merged))
         for site in list(self.sites()):
-            site.undo_edits(adapter_name)
+            site.edits.remove(adapter_name, self._ctx.active, bool(site.merged))
             if adapter_name in site.deltas:
                 del site.deltas[adapter_name]
             if not site.deltas:
@@ -184,14 +186,19 @@ class AdaptedModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapters(self):
-        """Context in which the model behaves exactly as the base (merged adapters are undone)."""
+        """Context in which the model behaves exactly as the base (merged adapters are undone, base
+        weights an init edited, such as PiSSA's residual, hold their original values)."""
         merged = {s.path: list(s.merged) for s in self.sites() if s.merged}
         self.unmerge()
+        for site in self.sites():
+            site.edits.sync([])
         self._ctx.disabled = True
         try:
             yield self
         finally:
             self._ctx.disabled = False
+            for site in self.sites():
+                site.edits.sync(self._ctx.active)
             sites = self._sites
             for path, names in merged.items():
                 for n in names:
@@ -238,7 +245,7 @@ class AdaptedModel(nn.Module):
         """Undo merges and base-weight edits and return the plain base model, as it was before adaptation."""
         self.unmerge()
         for site in self.sites():
-            site.undo_edits()
+            site.edits.clear()
         return self._strip_sites()
 
     def _strip_sites(self) -> nn.Module:
@@ -345,6 +352,7 @@ class AdaptedModel(nn.Module):
             spec = method_for_config(self.peft_config[n])
             if not spec.capabilities.mixed_batch:
                 raise ConfigError(f"adapter '{n}' uses {spec.name}, which does not support mixed batches")
+            edits.refuse_mixed(self._sites.values(), n)
         return Grouping.build(list(adapter_names))
 
     # ---- PEFT-familiar reporting -------------------------------------------------------------

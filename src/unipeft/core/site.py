@@ -10,7 +10,8 @@ from torch.func import functional_call
 
 from . import layers
 from .delta import Delta
-from .errors import ConfigError, MergeError
+from .edits import BaseEdits
+from .errors import MergeError
 
 BASE_NAME = "__base__"
 
@@ -84,8 +85,8 @@ class AdaptedSite(nn.Module):
         self._merge_cache: dict[str, dict[str, torch.Tensor]] = {}
         # Exact copies of quantized weights before each merge (requantizing is lossy, restoring is not).
         self._merge_snapshots: dict[str, dict[str, tuple]] = {}
-        # Base-weight edits of inits, in order: (adapter, {param: snapshot of the value before}).
-        self.edits: list[tuple[str, dict[str, tuple]]] = []
+        # Base-weight edits of inits, per adapter, held while their adapter is active (edits.py).
+        self.edits = BaseEdits(base_layer, path)
         object.__setattr__(self, "_ctx", ctx)
         # The deltas to apply, resolved once per change of the active set (not per call).
         self._seen_version = -1
@@ -265,28 +266,3 @@ class AdaptedSite(nn.Module):
                         param = dict(base.named_parameters())[k]
                         param.sub_(v.to(param.dtype))
 
-    # ---- base-weight edits of inits ----------------------------------------------------
-    def apply_edits(self, name: str, edits: dict[str, torch.Tensor]) -> None:
-        """Write `edits` (checked by the injection plan) into the base layer, keeping exact copies of what they replace."""
-        snaps = {k: layers.snapshot_param(self.base_layer, k) for k in edits}
-        for k, v in edits.items():
-            layers.write_param(self.base_layer, k, v)
-        self.edits.append((name, snaps))
-        self._seen_version = -1
-
-    def check_edits_removable(self, name: str) -> None:
-        """ConfigError unless adapter `name`'s edits (if any) are the most recent ones here."""
-        names = [n for n, _ in self.edits]
-        if name in names and names[-1] != name:
-            raise ConfigError(f"adapter '{name}' edited the base weights of '{self.path}' before adapter "
-                              f"'{names[-1]}' did; delete adapters that edit base weights in reverse order")
-
-    def undo_edits(self, name: str | None = None) -> None:
-        """Restore the base weights exactly: adapter `name`'s edits, or every edit (None)."""
-        while self.edits and (name is None or self.edits[-1][0] == name):
-            _, snaps = self.edits.pop()
-            for k, snap in snaps.items():
-                layers.restore_param(self.base_layer, k, snap)
-            if name is not None:
-                break
-        self._seen_version = -1
