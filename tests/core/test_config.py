@@ -10,7 +10,7 @@ import pytest
 import unipeft as up
 from unipeft.core.config import CONFIG_NAME
 
-from ..invariants.cases import CASES, build_model, make_batch, make_config, run
+from ..invariants.cases import CASES, build_model, calibration_batches, loading, make_batch, make_config, run
 
 NON_DEFAULT = {
     "lora": {"r": 3, "alpha": 5.0, "dropout": 0.125, "use_rslora": True, "init": "gaussian",
@@ -46,13 +46,15 @@ def test_config_round_trip_through_save_and_from_pretrained(case, tmp_path):
     kind = "mlp" if not case.needs_head else "bert"
     model = build_model(kind)
     cfg = make_config(case, kind)
-    adapted = up.adapt(model, cfg)
+    adapted = up.adapt(model, cfg, calibration=calibration_batches(case, kind))
     adapted.save_pretrained(tmp_path)
-    loaded = up.AdaptedModel.from_pretrained(build_model(kind), tmp_path, is_trainable=True)
+    with loading(case, kind):
+        loaded = up.AdaptedModel.from_pretrained(build_model(kind), tmp_path, is_trainable=True)
     got = loaded.peft_config["default"]
     assert type(got) is type(cfg)
     assert dataclasses.asdict(got) == dataclasses.asdict(adapted.peft_config["default"])
-    not_trainable = up.AdaptedModel.from_pretrained(build_model(kind), tmp_path)
+    with loading(case, kind):
+        not_trainable = up.AdaptedModel.from_pretrained(build_model(kind), tmp_path)
     assert not_trainable.peft_config["default"].inference_mode is True
     batch = make_batch(kind)
     assert run(loaded, batch).shape == run(adapted, batch).shape

@@ -39,7 +39,8 @@ class AdapterConfig:
 
     The method protocol (DESIGN.md) is declared here with no-op defaults, so core/ and train/
     call it without probing: `resolved_fields`, `make_bank`, `training_callbacks`,
-    `optimizer_groups`, `needs_calibration`, `call_inputs`, `state_prefix`, `example_fields`. Field rules are
+    `optimizer_groups`, `needs_calibration`, `calibrated_fields`, `call_inputs`, `state_prefix`,
+    `example_fields`. Field rules are
     declared with the helpers of core/fields.py and checked by `validate`. The copy an
     AdaptedModel stores is frozen: assigning to it raises.
     """
@@ -107,6 +108,11 @@ class AdapterConfig:
         """"activations" or "gradients" when building the deltas needs calibration data (data-aware inits)."""
         return None
 
+    def calibrated_fields(self, stats: dict[str, Any], targets: list[tuple[str, "nn.Module"]]) -> dict[str, Any]:
+        """Fields decided by the calibration statistics ({path: TargetStats}) before the deltas are built
+        (e.g. EVA's per-layer ranks), stored in the adapter's copy of the config."""
+        return {}
+
     def make_bank(self, model: "nn.Module", targets: list[tuple[str, "nn.Module"]]) -> "nn.Module | None":
         """The module shared by all sites of one adapter (shared bases, vector banks, routers), or None."""
         return None
@@ -117,6 +123,17 @@ class AdapterConfig:
 
     def optimizer_groups(self, adapter_name: str) -> list[dict[str, Any]]:
         """Extra optimizer parameter groups ({"params": regex, "lr": ...}), after the user's groups."""
+        return []
+
+    def loads_without_calibration(self) -> bool:
+        """Whether a saved adapter of this config loads with no calibration data although its init needs
+        some (the data shaped only tensors the file holds, nothing in the base): shapes are built, the file
+        fills them."""
+        return False
+
+    def parameter_targets(self) -> list[str]:
+        """Bare parameters the method adapts besides modules (PEFT's target_parameters, e.g.
+        ["experts.gate_up_proj"]); their owning modules become sites."""
         return []
 
     @classmethod

@@ -1,11 +1,15 @@
 """Planning an injection: targets, the resolved frozen config, the bank and every delta, built before
-the model is touched (so a failure anywhere leaves it unchanged)."""
+the model is touched (so a failure anywhere leaves it unchanged).
+
+Order: select targets -> resolve the config against the model -> (data-aware inits) one streaming
+calibration pass over the batches (core/calibration.py) -> `config.calibrated_fields(stats, targets)`
+(fields the data decides, e.g. per-layer ranks) -> bank and deltas from that final frozen config."""
 from __future__ import annotations
 
 from torch import nn
 
 from . import layers
-from .calibration import collect
+from .calibration import BASE_HOLDS_RESIDUAL, LOADING, TargetStats, collect, scoped_calibration
 from .config import AdapterConfig
 from .errors import ConfigError, TargetError
 from .registry import get_method, method_for_config
@@ -27,7 +31,21 @@ def plan_injection(base_model: nn.Module, config: AdapterConfig, calibration=Non
                               f"methods with quantized_base in up.capability_table() do")
     config = config.frozen_copy(**config.resolved_fields(base_model, targets))
     need = config.needs_calibration()
-    stats = collect(base_model, targets, calibration, need, type(config).__name__) if need else {}
+    stats = {}
+    loading = calibration is LOADING
+    if calibration is None or loading:
+        calibration = scoped_calibration()
+    # Loading an init whose data only shaped the saved tensors (EVA): the file's ranks and tensors stand.
+    shapes_only = calibration is BASE_HOLDS_RESIDUAL or (loading and config.loads_without_calibration())
+    if need and shapes_only:  # tensors come from a file: shapes only, no edits
+        stats = {path: TargetStats(placeholder=True) for path, _ in targets}
+    elif need and calibration is not None:  # without data the method's init raises, naming itself
+        stats = collect(base_model, targets, calibration, need, type(config).__name__)
+        changes = config.calibrated_fields(stats, targets)
+        if changes:  # e.g. EVA's redistributed ranks: recorded in the adapter's copy of the config
+            config = config.frozen_copy(**changes)
+            if {"target_modules", "exclude_modules"} & set(changes):  # a target left with nothing to learn
+                targets = select_targets(base_model, config, spec.capabilities.layer_types, spec.default_targets)
     bank = config.make_bank(base_model, targets)
     built = [(path, module, spec.delta_cls.create(module, config, path, bank, stats.get(path)))
              for path, module in targets]

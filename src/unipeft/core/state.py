@@ -11,7 +11,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .bank import BANK_PREFIX, bank_state
+from .bank import Bank, bank_keys, bank_state
+from .calibration import LOADING
 from .config import CONFIG_NAME, AdapterConfig
 from .delta import Delta
 from .errors import AdapterLoadError, ConfigError
@@ -103,8 +104,9 @@ def _plan(model, adapter_name: str, tensors: dict[str, torch.Tensor]):
             expected[f"{prefix}{key}"] = (site.path, delta, key, value)
     if adapter_name in model.banks:
         bank = model.banks[adapter_name]
+        keys = bank_keys(bank)
         for file_key, value in bank_state(bank).items():
-            expected[file_key] = ("bank", bank, file_key[len(BANK_PREFIX):], value)
+            expected[file_key] = ("bank", bank, keys[file_key], value)
     for file_key, tensor in tensors.items():
         if file_key not in expected:
             path = file_key[len(PREFIX):] if file_key.startswith(PREFIX) else file_key
@@ -121,6 +123,10 @@ def _plan(model, adapter_name: str, tensors: dict[str, torch.Tensor]):
     for site_path, delta, key, _ in expected.values():
         if site_path == "bank" or not delta.optional_state(key):
             problems[site_path].append(f"'{key}' is missing from the file")
+    for owner in {id(d): d for d, _, _ in plan if isinstance(d, Bank)}.values():
+        found = {key: tensor for d, key, tensor in plan if d is owner}
+        for msg in owner.check_state(found):
+            problems["bank"].append(msg)
     if problems:
         lines = [f"  {module}: {'; '.join(msgs)}" for module, msgs in sorted(problems.items())[:20]]
         more = f"\n  ... and {len(problems) - 20} more modules" if len(problems) > 20 else ""
@@ -144,7 +150,7 @@ def load_adapter(model, directory: str | Path, adapter_name: str, is_trainable: 
     """Add adapter `adapter_name` from `directory` into an AdaptedModel, or leave it unchanged."""
     config, tensors = read_adapter(directory)
     config = config.replace(inference_mode=not is_trainable)
-    model.add_adapter(adapter_name, config)
+    model.add_adapter(adapter_name, config, calibration=LOADING)
     try:
         load_tensors(model, adapter_name, tensors)
     except Exception:
@@ -158,7 +164,7 @@ def from_pretrained(cls, base_model, directory: str | Path, adapter_name: str, i
     if not isinstance(config, AdapterConfig):  # pragma: no cover - read_adapter guarantees it
         raise ConfigError(f"{directory}: not an adapter config")
     config = config.replace(inference_mode=not is_trainable)
-    model = cls(base_model, config, adapter_name)
+    model = cls(base_model, config, adapter_name, calibration=LOADING)
     try:
         load_tensors(model, adapter_name, tensors)
     except Exception:

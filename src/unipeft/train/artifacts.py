@@ -10,6 +10,7 @@ import torch
 import yaml
 from torch import nn
 
+from ..core.calibration import calibration_data
 from ..core.errors import ConfigError
 from ..data.splits import Splits
 from .config import RunConfig, config_from_dict
@@ -41,7 +42,13 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     tokenizer = load_tokenizer(cfg.model.name)
     in_features = int(summary.get("in_features") or 0)
     base = load_base_model(cfg.model, cfg.task, labels, cfg.seed, in_features, cfg.quantization)
-    model = cfg.strategy.load(base, run_dir)
+    batches = None
+    if cfg.strategy.needs_calibration():  # a data-aware init: the run's calibration batches rebuild its base residual
+        from ..data.sources import load_data
+        from .calibrate import run_calibration
+        batches = run_calibration(cfg, load_data(cfg.task, cfg.data, cfg.data_seed), tokenizer)
+    with calibration_data(batches):
+        model = cfg.strategy.load(base, run_dir)
     return LoadedRun(cfg, model.eval(), tokenizer, labels, summary)
 
 

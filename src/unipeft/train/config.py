@@ -93,6 +93,14 @@ class DistributedConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """Data for data-aware inits (CorDA, EVA, LoRA-GA): batches of the training split (train/calibrate.py)."""
+
+    batches: int | None = None  # None: no calibration step (a method that needs one fails, naming this field)
+    batch_size: int | None = None  # None: the run's batch_size
+
+
+@dataclass
 class RunConfig:
     """Everything one training run needs; `unipeft train CONFIG.yaml` reads this from YAML."""
 
@@ -101,6 +109,7 @@ class RunConfig:
     task: Literal["classification", "causal_lm"] = "classification"
     data: DataConfig = field(default_factory=DataConfig)
     method: dict[str, Any] = field(default_factory=lambda: {"name": "lora"})
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     epochs: float | None = 3.0
@@ -139,6 +148,9 @@ class RunConfig:
                 positive[key] = getattr(self, key)
         if self.data.max_examples is not None:
             positive["data.max_examples"] = self.data.max_examples
+        for key in ("batches", "batch_size"):
+            if getattr(self.calibration, key) is not None:
+                positive[f"calibration.{key}"] = getattr(self.calibration, key)
         self.quantization.validate()
         if self.quantization.enabled and (self.task != "causal_lm" or self.model.name == "mlp"):
             raise ConfigError("quantization: a quantized base is loaded for task: causal_lm with a transformers "

@@ -40,7 +40,11 @@ class FullFineTuneConfig:
         """What `unipeft info --methods` prints for 'full'."""
         return f"{FULL}: trainable (regexes of parameter names; default: all)"
 
-    def apply(self, base: nn.Module) -> nn.Module:
+    def needs_calibration(self) -> str | None:
+        """Full fine-tuning needs no calibration data."""
+        return None
+
+    def apply(self, base: nn.Module, calibration: Any = None) -> nn.Module:
         """`base` itself, with requires_grad set on the parameters `trainable` matches (all when unset)."""
         patterns = self.trainable
         if patterns:

@@ -1,4 +1,4 @@
-"""From a RunConfig to ready parts: data splits, tokenizer, (adapted) model, encoded sets, optimizer."""
+"""From a RunConfig to ready parts: data splits, tokenizer, (calibrated and adapted) model, encoded sets, optimizer."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,6 +10,7 @@ from ..core.errors import ConfigError
 from ..data.encode import EncodedSet, encode_split
 from ..data.sources import load_data
 from ..data.splits import Splits
+from .calibrate import run_calibration
 from .config import RunConfig
 from .models import load_base_model, load_tokenizer
 from .strategy import MethodConfig
@@ -48,5 +49,6 @@ def build_parts(cfg: RunConfig, splits: Splits | None = None) -> RunParts:
     tokenizer = load_tokenizer(cfg.model.name)
     in_features = int(splits.train.features.shape[1]) if hasattr(splits.train, "features") else 0
     base = load_base_model(cfg.model, cfg.task, label_names, cfg.seed, in_features, cfg.quantization)
-    model = cfg.strategy.apply(base)
+    # the calibrate step: batches of the training split when the method's init needs data
+    model = cfg.strategy.apply(base, calibration=run_calibration(cfg, splits, tokenizer))
     return RunParts(cfg, splits, tokenizer, model, cfg.method_config, label_names)

@@ -33,7 +33,9 @@ class MethodStrategy(Protocol):
     @property
     def config(self) -> MethodConfig: ...
 
-    def apply(self, base: nn.Module) -> nn.Module: ...
+    def needs_calibration(self) -> str | None: ...
+
+    def apply(self, base: nn.Module, calibration: Any = None) -> nn.Module: ...
 
     def save(self, model: nn.Module, run_dir: Path) -> None: ...
 
@@ -65,15 +67,20 @@ class AdapterStrategy:
         """What `unipeft info --methods` prints for registry method `name`."""
         return f"{name}: {', '.join(AdapterStrategy.fields(name))}"
 
-    def apply(self, base: nn.Module) -> nn.Module:
-        """Adapt `base` (classification heads are trained too, as PEFT's SEQ_CLS does)."""
+    def needs_calibration(self) -> str | None:
+        """What the method's init needs from data ("activations" / "gradients"), or None."""
+        return self.config.needs_calibration()
+
+    def apply(self, base: nn.Module, calibration: Any = None) -> nn.Module:
+        """Adapt `base` (classification heads are trained too, as PEFT's SEQ_CLS does); `calibration`:
+        batches for a data-aware init (train/calibrate.py)."""
         from ..core.model import adapt
         from ..interop.peft import apply_task_type
 
         config = self.config
         if config.task_type is None:  # recorded in adapter_config.json, as PEFT does
             config = config.replace(task_type=_task_type(self.task))
-        return adapt(base, apply_task_type(config))
+        return adapt(base, apply_task_type(config), calibration=calibration)
 
     def save(self, model: nn.Module, run_dir: Path) -> None:
         """Write the PEFT-format adapter folder run_dir/adapter."""
