@@ -8,23 +8,24 @@ from typing import Any
 from ...core import layers
 from ...core.config import AdapterConfig
 from ...core.errors import ConfigError
-from ...core.fields import fraction
+from ...core.fields import Rule, fraction, ruled
 from ...core.targets import pattern_key
-from .inits import INITS, get_init
+from .inits import INITS, PREFIX_INITS, get_init
 
 
 @dataclass
 class LoraConfig(AdapterConfig):
     """LoRA: out = base(x) + scaling * B(A(dropout(x))), scaling = alpha/r (alpha/sqrt(r) with rsLoRA)."""
 
+    peft_class = "LoraConfig"
     peft_type = "LORA"
     peft_names = {"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights"}
     peft_inert = {"megatron_config": None, "megatron_core": "megatron.core", "trainable_token_indices": None,
-                  "eva_config": None, "corda_config": None, "lora_ga_config": None,
                   "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False,
                   "qalora_group_size": 16, "monteclora_config": None, "layer_replication": None,
-                  "lora_bias": False, "target_parameters": None, "use_bdlora": None, "arrow_config": None,
-                  "kasa_config": None, "ensure_weight_tying": False}
+                  "lora_bias": False, "use_bdlora": None, "arrow_config": None,
+                  "ensure_weight_tying": False}
+    not_in_peft = ("sorsa_gamma",)
 
     r: int = 8
     alpha: float = 8
@@ -38,6 +39,20 @@ class LoraConfig(AdapterConfig):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     # PEFT's LoftQConfig as a dict: {"loftq_bits": 4 | 8, "loftq_iter": >= 1}; used with init="loftq".
     loftq_config: dict[str, int] = field(default_factory=dict)
+    # PEFT's KasaConfig as a dict {"beta": >= 0, "gamma": >= 0}: KaSA (svd_inits.py / kasa.py) when set.
+    kasa_config: dict[str, float] | None = None
+    # SORSA's orthonormality regulariser coefficient (init="sorsa"; None: svd_variants.SORSA_GAMMA).
+    sorsa_gamma: float | None = None
+    # PEFT's EvaConfig / CordaConfig / LoraGAConfig as dicts (PEFT's keys), for init="eva" / "corda" /
+    # "lora_ga" (data_inits.py); filled with PEFT's defaults when that init is chosen, None otherwise.
+    eva_config: dict[str, Any] | None = None
+    corda_config: dict[str, Any] | None = None
+    lora_ga_config: dict[str, Any] | None = None
+    # Bare parameters to adapt (PEFT's target_parameters), e.g. ["experts.gate_up_proj"] for the fused
+    # expert weights of mixture-of-experts layers: suffix match on "<module path>.<parameter name>" (params.py).
+    target_parameters: list[str] | None = ruled(None, Rule(
+        lambda v: isinstance(v, list) and all(isinstance(n, str) and n for n in v),
+        "a list of parameter names such as ['experts.gate_up_proj']", optional=True))
 
     def validate(self) -> None:
         super().validate()
@@ -46,6 +61,10 @@ class LoraConfig(AdapterConfig):
                 raise ConfigError(f"LoraConfig.{key}: rank must be a positive integer, got {r!r}")
         get_init(self.init)
         self._check_loftq()
+        from .data_inits import check_sub_configs
+        check_sub_configs(self)
+        from .svd_variants import check_svd_fields
+        check_svd_fields(self)
         if self.bias != "none":
             raise ConfigError(f"LoraConfig.bias: only 'none' is supported (use BitFitConfig to train biases), "
                               f"got {self.bias!r}")
@@ -70,14 +89,33 @@ class LoraConfig(AdapterConfig):
     @property
     def variant(self) -> str:
         """The registered variant (strategy) this config's deltas use."""
-        return "dora" if self.use_dora else "lora"
+        own = "kasa" if self.kasa_config is not None else get_init(self.init).variant
+        return own or ("dora" if self.use_dora else "lora")
+
+    def training_callbacks(self, model, adapter_name: str) -> list:
+        """SORSA's / KaSA's regulariser gradients (svd_variants.py); none for other inits."""
+        from .svd_variants import regulariser_callbacks
+        return regulariser_callbacks(self, model, adapter_name)
+
+    def loads_without_calibration(self) -> bool:
+        return get_init(self.init).data_only_in_factors
+
+    def parameter_targets(self) -> list[str]:
+        return list(self.target_parameters or [])
 
     def needs_calibration(self) -> str | None:
         """What the init needs from data ("activations" / "gradients"), or None."""
         return get_init(self.init).needs
 
+    def calibrated_fields(self, stats, targets) -> dict[str, Any]:
+        """What the data decides before the deltas exist (EVA: per-layer ranks, see data_inits.py)."""
+        from .data_inits import calibrated_fields
+        return calibrated_fields(self, stats, targets)
+
     def resolved_fields(self, model, targets) -> dict[str, Any]:
         """PEFT records GPT-2's transposed Conv1D weights as fan_in_fan_out=True."""
+        from .svd_variants import check_targets
+        check_targets(self, targets)
         return {"fan_in_fan_out": any(layers.is_transposed(m) for _, m in targets)}
 
     def rank_and_alpha(self, path: str) -> tuple[int, float]:
@@ -106,6 +144,20 @@ class LoraConfig(AdapterConfig):
         for init in INITS.values():
             if init.peft_value is value or (not isinstance(value, bool) and init.peft_value == value):
                 return init.name
+        if isinstance(value, str) and value.startswith(tuple(PREFIX_INITS)):
+            return get_init(value).name  # a prefix family ("pissa_niter_16"): the name is PEFT's value
         supported = ", ".join(str(i.peft_value).lower() if isinstance(i.peft_value, bool) else repr(i.peft_value)
                               for i in INITS.values())
+        supported += "".join(f", '{p}<int>'" for p in PREFIX_INITS)
         raise ConfigError(f"LoraConfig: init_lora_weights={value!r} is not supported; supported: {supported}")
+
+    # LoRA training strategies (plus.py, fa.py) subclass this config and save PEFT "LORA" folders with
+    # one field of their own in the file: {that key: config class}, so the folder loads as the strategy.
+    strategy_keys = {}
+
+    @classmethod
+    def _from_peft_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+        strategy = next((c for k, c in LoraConfig.strategy_keys.items() if k in data), None)
+        if cls is LoraConfig and strategy is not None:
+            return strategy._from_peft_dict(data)
+        return super()._from_peft_dict(data)

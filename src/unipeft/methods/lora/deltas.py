@@ -13,6 +13,7 @@ from torch import nn
 from ...core import layers
 from ...core.delta import Delta
 from ...core.errors import TargetError
+from ...core.targets import matched_parameters
 from . import fused
 from .config import LoraConfig
 from .inits import InitContext, get_init
@@ -33,6 +34,9 @@ class LoraDelta(Delta):
 
     @classmethod
     def create(cls, base: nn.Module, config: LoraConfig, path: str, bank=None, calibration=None) -> Delta:
+        if matched_parameters(path, base, config.parameter_targets()):  # owns a target_parameters entry
+            from .params import LoraParams
+            return LoraParams(base, config, path, bank)
         geo = layers.geometry(base) if isinstance(base, LAYERS) else None
         if geo is None:
             raise TargetError(f"LoRA does not support '{path}' of type {type(base).__name__}")
@@ -72,6 +76,7 @@ class LoraLinear(LoraDelta):
         self.variant = VARIANTS[config.variant]
         self.weight_dependent = self.variant.weight_dependent
         self.commutes = self.variant.commutes
+        self.identity_at_init = self.variant.identity_at_init
         self.variant.setup(self)
         # The fused function handles plain LoRA on dense Linear / transposed Conv1D weights.
         self.fuses = self.variant.fusable and geo.kind in ("linear", "transposed")

@@ -6,12 +6,18 @@ target) and returns an `InitResult`: A (r x in) and B (out x r), and optionally 
 the base weight (e.g. the residual an SVD-based init leaves) that core writes and restores
 exactly on unload/delete. The next inits (PiSSA, OLoRA, EVA, CorDA, LoRA-GA, ...) are one
 `register_init` call each.
+
+A *prefix* init (`register_init("pissa_niter_", fn, prefix=True)`) names a family with an integer
+argument: "pissa_niter_16" resolves to `fn(ctx, 16)`, and the full name is what PEFT stores. An init
+may name the LoRA variant (variants.py) its deltas use (`variant="svfit"`), for methods whose trained
+parametrisation is not plain (A, B).
 """
 from __future__ import annotations
 
 import math
+import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -57,25 +63,42 @@ class LoraInit:
     fn: Callable[[InitContext], InitResult]
     needs: str | None = None
     peft_value: Any = None  # how PEFT writes it in init_lora_weights (default: the name)
+    variant: str | None = None  # the variant (variants.py) its deltas use; None: the config's own
+    # A data-aware init whose result lives only in A and B (EVA): a saved adapter loads without data.
+    data_only_in_factors: bool = False
 
 
 INITS: dict[str, LoraInit] = {}
+# Prefix families: "pissa_niter_" -> init whose fn takes (ctx, int); resolved by get_init.
+PREFIX_INITS: dict[str, LoraInit] = {}
 
 
-def register_init(name: str, fn: Callable[[InitContext], InitResult], needs: str | None = None,
-                  peft_value: Any = None) -> LoraInit:
-    """Make `init_lora_weights=name` available."""
+def register_init(name: str, fn: Callable[..., InitResult], needs: str | None = None,
+                  peft_value: Any = None, *, prefix: bool = False, variant: str | None = None,
+                  data_only_in_factors: bool = False) -> LoraInit:
+    """Make `init_lora_weights=name` available (with `prefix`: every `name<int>`, fn(ctx, int))."""
     if needs not in (None, "activations", "gradients"):
         raise ValueError(f"init '{name}': needs must be None, 'activations' or 'gradients', got {needs!r}")
-    INITS[name] = LoraInit(name, fn, needs, name if peft_value is None else peft_value)
-    return INITS[name]
+    init = LoraInit(name, fn, needs, name if peft_value is None else peft_value, variant, data_only_in_factors)
+    (PREFIX_INITS if prefix else INITS)[name] = init
+    return init
+
+
+def known_inits() -> list[str]:
+    """Every accepted init name, prefix families written as 'name<int>'."""
+    return sorted(INITS) + sorted(f"{p}<int>" for p in PREFIX_INITS)
 
 
 def get_init(name: str) -> LoraInit:
-    """The registered init; ConfigError listing the known ones otherwise."""
-    if name not in INITS:
-        raise ConfigError(f"LoraConfig.init: expected one of {sorted(INITS)}, got {name!r}")
-    return INITS[name]
+    """The registered init (a prefix family bound to its integer); ConfigError listing the known ones otherwise."""
+    if isinstance(name, str) and name in INITS:
+        return INITS[name]
+    if isinstance(name, str):
+        for prefix, init in PREFIX_INITS.items():
+            arg = name[len(prefix):]
+            if name.startswith(prefix) and arg.isdigit() and int(arg) > 0:
+                return replace(init, name=name, fn=functools.partial(init.fn, arg=int(arg)), peft_value=name)
+    raise ConfigError(f"LoraConfig.init: expected one of {known_inits()}, got {name!r}")
 
 
 def _kaiming(ctx: InitContext) -> InitResult:

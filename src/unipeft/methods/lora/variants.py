@@ -23,6 +23,7 @@ class Variant:
     groupable: ClassVar[bool] = True  # mixed batches may batch it with the same variant
     fusable: ClassVar[bool] = True  # fused.py's base + shrink + expand function computes it
     commutes: ClassVar[bool] = True  # additive: stacked deltas of this variant commute (see Delta.commutes)
+    identity_at_init: ClassVar[bool] = True  # the adapted model starts as the base (KaSA truncates the base)
 
     def setup(self, delta) -> None:
         """Create the variant's own parameters on `delta` (after A and B exist)."""
