@@ -20,10 +20,28 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..core.config import AdapterConfig
 from ..core.errors import ConfigError
+from ..core.model import AdaptedModel
+from ..core.resize import rebuild_adapter
 from .fsdp import full_optimizer_state, full_tensor, is_fsdp, reshard, shard_like, shard_optimizer_state
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+ADAPTERS_FILE = "adapters.json"  # each adapter's resolved config: ranks that changed during training
+
+
+def adapter_configs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """{adapter name: resolved config as PEFT-style dict} of an AdaptedModel ({} for a plain model)."""
+    return {n: c.to_dict() for n, c in model.peft_config.items()} if isinstance(model, AdaptedModel) else {}
+
+
+def restore_adapter_configs(model: nn.Module, saved: dict[str, dict[str, Any]], optimizer: Any) -> None:
+    """Rebuild the deltas of every adapter whose saved config differs (e.g. ranks grown or pruned by a
+    rank-allocation callback), swapping the optimizer's parameters, before any state is loaded."""
+    current = json.loads(json.dumps(adapter_configs(model)))  # as the file holds it (lists, not tuples)
+    for name, data in saved.items():
+        if name in current and current[name] != data:
+            rebuild_adapter(model, name, AdapterConfig.from_dict(data), optimizer)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -90,6 +108,7 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: Any, sch
         save_file(tensors, str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(),
                     "callbacks": callbacks}, tmp / "optimizer.pt")
+        (tmp / ADAPTERS_FILE).write_text(json.dumps(adapter_configs(model), indent=2, sort_keys=True) + "\n")
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "world_size": accelerator.num_processes},
                                                            indent=2) + "\n")
     accelerator.wait_for_everyone()
@@ -113,6 +132,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, scheduler: Any
         rng_file = path / f"rng-{accelerator.process_index}.pt"
     if is_fsdp(model):
         reshard(model)  # write into the shards the optimizer holds, not into gathered copies
+    elif (path / ADAPTERS_FILE).is_file():  # deltas at the recorded ranks first (not under FSDP: fixed shards)
+        restore_adapter_configs(model, json.loads((path / ADAPTERS_FILE).read_text()), optimizer)
     load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
     blob = torch.load(path / "optimizer.pt", weights_only=False)
     optim = shard_optimizer_state(blob["optimizer"], optimizer) if is_fsdp(model) else blob["optimizer"]
