@@ -134,7 +134,7 @@ def test_registered_with_its_capabilities():
     row = next(r for r in up.capability_table() if r["method"] == NAME)
     assert row == {"method": NAME, "peft_type": "TOY_SCALE_SHIFT", "mergeable": True, "mixed_batch": True,
                    "quantized_base": False, "peft_compatible": False, "identity_at_init": True,
-                   "layer_types": ["Linear"]}
+                   "layer_types": ["Linear"], "strategies": {}}
     assert up.ToyScaleShiftConfig is ToyScaleShiftConfig  # resolved by unipeft's module __getattr__
     assert up.get_method(NAME).delta_cls is ToyScaleShiftDelta
     assert up.AdapterConfig.from_dict({"peft_type": "TOY_SCALE_SHIFT", "warmup_steps": 3}).warmup_steps == 3

@@ -80,10 +80,16 @@ def method_for_config(config) -> MethodSpec:
 
 
 def method_for_peft_type(peft_type: str) -> MethodSpec:
-    """The spec whose config declares `peft_type` (PEFT's on-disk type string)."""
-    for spec in _METHODS.values():
-        if spec.config_cls.peft_type == peft_type:
-            return spec
+    """The spec whose config declares `peft_type` (PEFT's on-disk type string).
+
+    Several methods may share one type (LoRA's training strategies write PEFT "LORA" folders): the
+    one whose config class is the base of most of the others wins ("lora" over its subclasses
+    "loraplus", "lora_fa"), ties going to the first registered, so the answer never depends on the
+    order in which subclasses were imported."""
+    found = [s for s in _METHODS.values() if s.config_cls.peft_type == peft_type and not s.internal]
+    found = found or [s for s in _METHODS.values() if s.config_cls.peft_type == peft_type]
+    if found:
+        return max(found, key=lambda s: sum(issubclass(o.config_cls, s.config_cls) for o in found))
     known = sorted(s.config_cls.peft_type for s in _METHODS.values() if not s.internal)
     raise ConfigError(f"unknown peft_type '{peft_type}'; supported: {known}")
 

@@ -1,4 +1,5 @@
-"""Which modules a config selects: suffix lists, regexes, "all-linear", excludes and layers."""
+"""Which modules a config selects: suffix lists, regexes, "all-linear", excludes and layers; and the
+modules owning bare parameters a config targets (PEFT's target_parameters)."""
 from __future__ import annotations
 
 import re
@@ -6,7 +7,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .errors import TargetError
+from .errors import ConfigError, TargetError
 from .layers import is_matrix_layer
 
 def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -64,11 +65,14 @@ def pattern_key(patterns: dict, path: str) -> str | None:
 
 def select_targets(model: nn.Module, config, supported: tuple[type, ...],
                    default_targets=None) -> list[tuple[str, nn.Module]]:
-    """Return [(path, module)] selected by `config`, raising TargetError with the reason if none."""
+    """Return [(path, module)] selected by `config`, raising TargetError with the reason if none; then
+    the modules owning the parameters a config's `target_parameters` names (see `parameter_owners`)."""
     spec = config.target_modules
     modules = list(logical_modules(model))
     skip = set(config.modules_to_save or [])
-    if spec is None:
+    if spec is None and parameter_spec(config):
+        chosen, implicit = [], False  # only bare parameters are targeted (target_parameters)
+    elif spec is None:
         if default_targets is None:
             raise TargetError(f"{type(config).__name__}.target_modules is required for this model "
                               f"(e.g. a list of module names such as ['query', 'value'], or 'all-linear')")
@@ -89,7 +93,8 @@ def select_targets(model: nn.Module, config, supported: tuple[type, ...],
         chosen = [(p, m) for p, m in chosen if layer_index(p, config.layers_pattern) in wanted]
     if implicit:
         chosen = [(p, m) for p, m in chosen if isinstance(m, supported)]
-    if not chosen:
+    params = parameter_spec(config)
+    if not chosen and not params:
         sample = ", ".join(p for p, _ in modules[:12])
         what = "the method's default targets" if spec is None else f"target_modules={spec!r}"
         raise TargetError(f"{type(config).__name__}: {what} matched no module of "
@@ -100,7 +105,41 @@ def select_targets(model: nn.Module, config, supported: tuple[type, ...],
             names = ", ".join(t.__name__ for t in supported)
             raise TargetError(f"{type(config).__name__}: module '{path}' is a {type(module).__name__}, "
                               f"which {config.method} does not support (supported: {names})")
-    return chosen
+    return chosen + parameter_owners(modules, config, chosen) if params else chosen
+
+
+# ---- bare parameters (PEFT's target_parameters) ---------------------------------------------
+def parameter_spec(config) -> list[str]:
+    """The bare parameters the config targets (`AdapterConfig.parameter_targets`)."""
+    return list(config.parameter_targets())
+
+
+def matched_parameters(path: str, module: nn.Module, names: list[str] | None) -> list[str]:
+    """`module`'s own parameters (declaration order) whose '<path>.<name>' equals or ends with '.<entry>' of `names`."""
+    keys = [(n, f"{path}.{n}" if path else n) for n, _ in module.named_parameters(recurse=False)]
+    return [n for n, key in keys if any(key == t or key.endswith("." + t) for t in names or [])]
+
+
+def parameter_owners(modules: list[tuple[str, nn.Module]], config,
+                     chosen: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """The modules owning a parameter `config.target_parameters` names: each becomes a site whose delta
+    changes that parameter. ConfigError for an entry matching nothing, or an owner that is (or nests
+    with) a module already targeted by target_modules."""
+    names, owner = parameter_spec(config), type(config).__name__
+    found = [(p, m) for p, m in modules if matched_parameters(p, m, names)]
+    for name in names:
+        if not any(matched_parameters(p, m, [name]) for p, m in found):
+            params = [(f"{p}.{n}", t.ndim) for p, m in modules for n, t in m.named_parameters(recurse=False)]
+            sample = ", ".join(k for k, _ in sorted(params, key=lambda kv: -kv[1])[:6])
+            raise ConfigError(f"{owner}.target_parameters: {name!r} matched no parameter of the model (an entry "
+                              f"matches '<module path>.<parameter name>' or a '.'-suffix of it); parameter names "
+                              f"look like: {sample}")
+    for path, _ in found:
+        clash = [q for q, _ in chosen if q == path or q.startswith(path + ".") or path.startswith(q + ".")]
+        if clash:
+            raise ConfigError(f"{owner}.target_parameters: '{path}' owns a targeted parameter but '{clash[0]}' is "
+                              f"also selected by target_modules; target a module either way, not both")
+    return found
 
 
 def _is_linear(module: nn.Module) -> bool:
