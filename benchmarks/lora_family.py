@@ -34,6 +34,9 @@ TARGETS = ["query", "key", "value", "dense"]
 LORA_GRID = [3e-4, 1e-3, 3e-3]  # A/B matrices
 VECTOR_GRID = [3e-3, 1e-2, 3e-2]  # methods that train only vectors or mixing coefficients
 CALIBRATE = ["--calibration.batches", "8"]  # data-aware inits read 8 training batches
+# The rank-growing methods end at LoRA's total rank: 8 for each of MiniLM's 36 targeted linears (6 layers x
+# query, key, value, attention / intermediate / output dense); their scale alpha is LoRA's alpha/r = 2.
+RANK_BUDGET = 8 * 36
 
 
 def _lora(**fields) -> dict:
@@ -44,32 +47,35 @@ def _lora(**fields) -> dict:
 # methods use the rank their papers and PEFT default to (their trainable count does not grow with it).
 METHODS: dict[str, tuple[dict, list[float], list[str]]] = {
     "lora": (_lora(), LORA_GRID, []),
-    "pissa": (_lora(init="pissa", dropout=0.0), LORA_GRID, []),
-    "olora": (_lora(init="olora", dropout=0.0), LORA_GRID, []),
-    "milora": (_lora(init="milora", dropout=0.0), LORA_GRID, []),
-    "nlora": (_lora(init="nlora", dropout=0.0), LORA_GRID, []),
-    "corda": (_lora(init="corda", dropout=0.0), LORA_GRID, CALIBRATE),
+    "pissa": (_lora(init="pissa"), LORA_GRID, []),
+    "olora": (_lora(init="olora"), LORA_GRID, []),
+    "milora": (_lora(init="milora"), LORA_GRID, []),
+    "nlora": (_lora(init="nlora"), LORA_GRID, []),
+    "corda": (_lora(init="corda"), LORA_GRID, CALIBRATE),
     "eva": (_lora(init="eva"), LORA_GRID, CALIBRATE),
     "lora_ga": (_lora(init="lora_ga"), LORA_GRID, CALIBRATE),
-    "sorsa": (_lora(init="sorsa", dropout=0.0), LORA_GRID, []),
-    "kasa": (_lora(init="kasa", dropout=0.0), LORA_GRID, []),
-    "loldu": (_lora(init="loldu", dropout=0.0), VECTOR_GRID, []),
-    "svfit": (_lora(init="svfit", dropout=0.0), VECTOR_GRID, []),
+    "sorsa": (_lora(init="sorsa"), LORA_GRID, []),
+    "kasa": (_lora(kasa_config={}), LORA_GRID, []),
+    "loldu": (_lora(init="loldu"), VECTOR_GRID, []),
+    "svfit": (_lora(init="svfit"), VECTOR_GRID, []),
     "rslora": (_lora(use_rslora=True), LORA_GRID, []),
     "dora": (_lora(use_dora=True), LORA_GRID, []),
     "loraplus": ({**_lora(), "name": "loraplus", "loraplus_lr_ratio": 16}, LORA_GRID, []),
     "lora_fa": ({**_lora(), "name": "lora_fa"}, LORA_GRID, []),
     "delora": ({"name": "delora", "r": 8, "target_modules": TARGETS}, LORA_GRID, []),
     "vera": ({"name": "vera", "r": 256, "target_modules": TARGETS}, VECTOR_GRID, []),
-    "vblora": ({"name": "vblora", "r": 8, "target_modules": TARGETS}, VECTOR_GRID, []),
+    "vblora": ({"name": "vblora", "r": 8, "vector_length": 128, "save_only_topk_weights": True,
+               "target_modules": TARGETS}, VECTOR_GRID, []),
     "nola": ({"name": "nola", "r": 8, "target_modules": TARGETS}, VECTOR_GRID, []),
     "randlora": ({"name": "randlora", "r": 32, "target_modules": TARGETS}, VECTOR_GRID, []),
     "mos": ({"name": "mos", "r": 8, "target_modules": TARGETS}, LORA_GRID, []),
     "s2lora": ({"name": "s2lora", "r": 8, "target_modules": TARGETS}, LORA_GRID, []),
     "adalora": ({"name": "adalora", "init_r": 12, "target_r": 8, "target_modules": TARGETS}, LORA_GRID, []),
-    "increlora": ({"name": "increlora", "r": 8, "target_modules": TARGETS}, LORA_GRID, []),
-    "sora": ({"name": "sora", "r": 8, "target_modules": TARGETS}, LORA_GRID, []),
-    "triadaptlora": ({"name": "triadaptlora", "r": 8, "target_modules": TARGETS}, LORA_GRID, []),
+    "increlora": ({"name": "increlora", "init_r": 2, "max_r": 16, "budget": RANK_BUDGET, "deltaT": 4, "top_h": 8,
+                   "alpha": 2.0, "target_modules": TARGETS}, LORA_GRID, []),
+    "sora": ({"name": "sora", "r": 8, "alpha": 16, "target_modules": TARGETS}, LORA_GRID, []),
+    "triadaptlora": ({"name": "triadaptlora", "init_r": 2, "max_r": 16, "budget": RANK_BUDGET, "alpha": 2.0,
+                      "target_modules": TARGETS}, LORA_GRID, []),
 }
 
 

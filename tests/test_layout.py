@@ -10,7 +10,8 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "unipeft"
 UPPER = ("train", "kg", "serve", "federated", "search", "merge", "compress", "continual", "interop", "data")
 PROTOCOL = ("training_callbacks", "optimizer_groups", "resolved_fields", "make_bank", "needs_calibration",
-            "state_prefix", "call_inputs", "forward_grouped", "example_fields", "identity_at_init", "base_edits")
+            "state_prefix", "call_inputs", "forward_grouped", "example_fields", "identity_at_init", "base_edits",
+            "calibrated_fields", "loads_without_calibration", "parameter_targets", "peft_class")
 
 
 def _files(folder: str) -> list[Path]:

@@ -203,3 +203,9 @@ def test_gradient_init_gets_the_weight_gradient(data_inits):
     with pytest.raises(up.ConfigError, match="labels"):
         up.adapt(build_model("bert"), up.LoraConfig(r=2, init="test_grads", target_modules=["query"]),
                  calibration=[make_batch("bert")])
+
+
+def test_capability_table_lists_lora_strategies_registered_later(residual_init):
+    row = next(r for r in up.capability_table() if r["method"] == "lora")
+    assert residual_init in row["strategies"]["init"] and "pissa_niter_<int>" in row["strategies"]["init"]
+    assert {"lora", "dora", "kasa", "svfit"} <= set(row["strategies"]["variant"])
