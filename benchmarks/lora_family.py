@@ -44,7 +44,8 @@ def _lora(**fields) -> dict:
 
 
 # name -> (method section, lr grid, extra overrides). Rank 8 where a method has one; the shared-basis
-# methods use the rank their papers and PEFT default to (their trainable count does not grow with it).
+# methods use the rank their papers and PEFT default to (their trainable count does not grow with it) and
+# store only what their seeds cannot regenerate (save_projection False, VB-LoRA's top-k weights).
 METHODS: dict[str, tuple[dict, list[float], list[str]]] = {
     "lora": (_lora(), LORA_GRID, []),
     "pissa": (_lora(init="pissa"), LORA_GRID, []),
@@ -63,11 +64,11 @@ METHODS: dict[str, tuple[dict, list[float], list[str]]] = {
     "loraplus": ({**_lora(), "name": "loraplus", "loraplus_lr_ratio": 16}, LORA_GRID, []),
     "lora_fa": ({**_lora(), "name": "lora_fa"}, LORA_GRID, []),
     "delora": ({"name": "delora", "r": 8, "target_modules": TARGETS}, LORA_GRID, []),
-    "vera": ({"name": "vera", "r": 256, "target_modules": TARGETS}, VECTOR_GRID, []),
+    "vera": ({"name": "vera", "r": 256, "save_projection": False, "target_modules": TARGETS}, VECTOR_GRID, []),
     "vblora": ({"name": "vblora", "r": 8, "vector_length": 128, "save_only_topk_weights": True,
                "target_modules": TARGETS}, VECTOR_GRID, []),
     "nola": ({"name": "nola", "r": 8, "target_modules": TARGETS}, VECTOR_GRID, []),
-    "randlora": ({"name": "randlora", "r": 32, "target_modules": TARGETS}, VECTOR_GRID, []),
+    "randlora": ({"name": "randlora", "r": 32, "save_projection": False, "target_modules": TARGETS}, VECTOR_GRID, []),
     "mos": ({"name": "mos", "r": 8, "target_modules": TARGETS}, LORA_GRID, []),
     "s2lora": ({"name": "s2lora", "r": 8, "target_modules": TARGETS}, LORA_GRID, []),
     "adalora": ({"name": "adalora", "init_r": 12, "target_r": 8, "target_modules": TARGETS}, LORA_GRID, []),

@@ -131,3 +131,15 @@ class GradCaptureCallback(TrainerCallback):
             return
         add_orth_grad(list(deltas.values()), self.orth_reg_weight)
         self.grads = capture_grads(factor_params(deltas))
+
+
+def resolved_budget(config, targets) -> int:
+    """A rank-growing config's total budget (None: 4 per module, at least init_r), refused below the
+    ranks the targets start with (before the model is touched)."""
+    start = sum(config.rank_of(path) for path, _ in targets)
+    budget = len(targets) * max(4, config.init_r) if config.budget is None else config.budget
+    if budget < start:
+        raise ConfigError(f"{type(config).__name__}.budget: the {len(targets)} targeted modules start with "
+                          f"{start} ranks in total (init_r={config.init_r}), more than budget={budget}; "
+                          f"raise budget to at least {start}")
+    return budget

@@ -23,7 +23,7 @@ import torch
 from ...core.config import AdapterConfig
 from ...core.errors import ConfigError
 from ...core.fields import fraction, non_negative, positive_int, positive_number
-from .importance import GradCaptureCallback, Sensitivity, factor_params
+from .importance import GradCaptureCallback, Sensitivity, factor_params, resolved_budget
 from .svd import SvdDelta
 
 
@@ -59,14 +59,7 @@ class IncreLoraConfig(AdapterConfig):
                 raise ConfigError(f"{name}.rank_pattern[{key!r}]: expected a rank >= 0, got {r!r}")
 
     def resolved_fields(self, model, targets) -> dict[str, Any]:
-        """The budget (None: 4 per module, at least init_r), refused below the starting ranks (model untouched)."""
-        start = sum(self.rank_of(path) for path, _ in targets)
-        budget = len(targets) * max(4, self.init_r) if self.budget is None else self.budget
-        if budget < start:
-            raise ConfigError(f"{type(self).__name__}.budget: the {len(targets)} targeted modules start with "
-                              f"{start} ranks in total (init_r={self.init_r}), more than budget={budget}; "
-                              f"raise budget to at least {start}")
-        return {"budget": budget}
+        return {"budget": resolved_budget(self, targets)}
 
     def rank_of(self, path: str) -> int:
         """The recorded rank of `path`, else init_r."""

@@ -32,7 +32,7 @@ from ...core.errors import ConfigError, TargetError
 from ...core.fields import fraction, non_negative, positive_int, positive_number
 from ...core.hooks import TrainerCallback
 from ...core.resize import resize_param
-from .importance import refuse_multi_process
+from .importance import refuse_multi_process, resolved_budget
 from .svd import LAYERS
 
 
@@ -68,14 +68,7 @@ class TriAdaptLoraConfig(AdapterConfig):
                 raise ConfigError(f"{name}.rank_pattern[{key!r}]: expected a rank >= 1, got {r!r}")
 
     def resolved_fields(self, model, targets) -> dict[str, Any]:
-        """The budget (None: 4 per module, at least init_r), refused below the starting ranks (model untouched)."""
-        start = sum(self.rank_of(path) for path, _ in targets)
-        budget = len(targets) * max(4, self.init_r) if self.budget is None else self.budget
-        if budget < start:
-            raise ConfigError(f"{type(self).__name__}.budget: the {len(targets)} targeted modules start with "
-                              f"{start} ranks in total (init_r={self.init_r}), more than budget={budget}; "
-                              f"raise budget to at least {start}")
-        return {"budget": budget}
+        return {"budget": resolved_budget(self, targets)}
 
     def rank_of(self, path: str) -> int:
         """The recorded rank of `path`, else init_r."""
