@@ -1,18 +1,22 @@
-"""The LoRA family on the default fortunes task: every method through `unipeft train`, lr chosen on validation.
+"""The LoRA family on a shipped task: every method through `unipeft train`, lr chosen on validation.
 
-    python -m benchmarks.lora_family [--methods lora,pissa,...] [--seeds 3] [--workers 2] [--out PATH]
+    python -m benchmarks.lora_family [--task fortunes|define] [--methods lora,pissa,...] [--seeds 3]
+                                     [--workers 2] [--out PATH] [--cache PATH]
 
-Each method trains examples/fortunes_lora.yaml with its own `method` section (rank 8 where the
-method has a rank, the shipped target modules, the classifier head trained in full as in every
-run) as a `unipeft train` child process with one torch thread; `--workers` children run at once.
-Selection: every learning rate of the method's declared grid trains with seed 0 and the one with
-the best validation accuracy (ties: the smaller lr) is kept; seeds 1..N-1 then train at that lr.
-The test split is read only for the reported accuracy. Measured per run: test accuracy, trainable
-parameters (and those of the adapter without the head), adapter file size, step time (training
-seconds / steps), the validation curve (every --eval-every steps) and the training loss curve.
-benchmarks/lora_family_report.py turns the runs into the verdicts, the markdown and the PNG.
+Each method trains the task's shipped config (fortunes: examples/fortunes_lora.yaml, MiniLM,
+accuracy; define: examples/smollm2_define.yaml, SmolLM2, token accuracy) with its own `method`
+section (rank 8 where the method has a rank, the config's target modules; a classifier head
+trains in full as in every classification run) as a `unipeft train` child process with one torch
+thread; `--workers` children run at once. Selection: every learning rate of the method's declared
+grid trains with seed 0 and the one with the best validation score (ties: the smaller lr) is kept;
+seeds 1..N-1 then train at that lr. The test split is read only for the reported score. Measured
+per run: test score, trainable parameters (and those of the adapter without the head), adapter
+file size, step time (training seconds / steps), the validation curve (every --eval-every steps)
+and the training loss curve. Finished runs are cached (JSON lines), so a sweep that stops continues
+where it left off. benchmarks/lora_family_report.py turns the runs into the verdicts, the markdown
+and the PNG.
 
---max-steps / --max-per-category shrink the budget, only to check the script runs.
+--max-steps / --max-per-category / --max-examples shrink the budget (declared in the JSON).
 """
 from __future__ import annotations
 
@@ -25,59 +29,83 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "examples" / "fortunes_lora.yaml"
-OUT = ROOT / "benchmarks" / "results" / "lora_family.json"
-TARGETS = ["query", "key", "value", "dense"]
+RESULTS = ROOT / "benchmarks" / "results"
 LORA_GRID = [3e-4, 1e-3, 3e-3]  # A/B matrices
 VECTOR_GRID = [3e-3, 1e-2, 3e-2]  # methods that train only vectors or mixing coefficients
 CALIBRATE = ["--calibration.batches", "8"]  # data-aware inits read 8 training batches
-# The rank-growing methods end at LoRA's total rank: 8 for each of MiniLM's 36 targeted linears (6 layers x
-# query, key, value, attention / intermediate / output dense); their scale alpha is LoRA's alpha/r = 2.
-RANK_BUDGET = 8 * 36
 
 
-def _lora(**fields) -> dict:
-    return {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.1, "target_modules": TARGETS, **fields}
+@dataclass(frozen=True)
+class Task:
+    """A shipped run config and what the family's sections need to know about its model."""
+
+    config: Path
+    targets: list[str] | str
+    modules: int  # linears the targets select: the rank-growing methods end at 8 ranks each, LoRA's total
+    vector_length: int  # VB-LoRA's sub-vector length, dividing every targeted width
+    metric: str  # the evaluation key compared (higher is better), valid and test
+    budget: tuple[str, ...] = ()  # overrides of the shipped config, declared with the results
 
 
-# name -> (method section, lr grid, extra overrides). Rank 8 where a method has one; the shared-basis
-# methods use the rank their papers and PEFT default to (their trainable count does not grow with it) and
-# store only what their seeds cannot regenerate (save_projection False, VB-LoRA's top-k weights).
-METHODS: dict[str, tuple[dict, list[float], list[str]]] = {
-    "lora": (_lora(), LORA_GRID, []),
-    "pissa": (_lora(init="pissa"), LORA_GRID, []),
-    "olora": (_lora(init="olora"), LORA_GRID, []),
-    "milora": (_lora(init="milora"), LORA_GRID, []),
-    "nlora": (_lora(init="nlora"), LORA_GRID, []),
-    "corda": (_lora(init="corda"), LORA_GRID, CALIBRATE),
-    "eva": (_lora(init="eva"), LORA_GRID, CALIBRATE),
-    "lora_ga": (_lora(init="lora_ga"), LORA_GRID, CALIBRATE),
-    "sorsa": (_lora(init="sorsa"), LORA_GRID, []),
-    "kasa": (_lora(kasa_config={}), LORA_GRID, []),
-    "loldu": (_lora(init="loldu"), VECTOR_GRID, []),
-    "svfit": (_lora(init="svfit"), VECTOR_GRID, []),
-    "rslora": (_lora(use_rslora=True), LORA_GRID, []),
-    "dora": (_lora(use_dora=True), LORA_GRID, []),
-    "loraplus": ({**_lora(), "name": "loraplus", "loraplus_lr_ratio": 16}, LORA_GRID, []),
-    "lora_fa": ({**_lora(), "name": "lora_fa"}, LORA_GRID, []),
-    "delora": ({"name": "delora", "r": 8, "target_modules": TARGETS}, LORA_GRID, []),
-    "vera": ({"name": "vera", "r": 256, "save_projection": False, "target_modules": TARGETS}, VECTOR_GRID, []),
-    "vblora": ({"name": "vblora", "r": 8, "vector_length": 128, "save_only_topk_weights": True,
-               "target_modules": TARGETS}, VECTOR_GRID, []),
-    "nola": ({"name": "nola", "r": 8, "target_modules": TARGETS}, VECTOR_GRID, []),
-    "randlora": ({"name": "randlora", "r": 32, "save_projection": False, "target_modules": TARGETS}, VECTOR_GRID, []),
-    "mos": ({"name": "mos", "r": 8, "target_modules": TARGETS}, LORA_GRID, []),
-    "s2lora": ({"name": "s2lora", "r": 8, "target_modules": TARGETS}, LORA_GRID, []),
-    "adalora": ({"name": "adalora", "init_r": 12, "target_r": 8, "target_modules": TARGETS}, LORA_GRID, []),
-    "increlora": ({"name": "increlora", "init_r": 2, "max_r": 16, "budget": RANK_BUDGET, "deltaT": 4, "top_h": 8,
-                   "alpha": 2.0, "target_modules": TARGETS}, LORA_GRID, []),
-    "sora": ({"name": "sora", "r": 8, "alpha": 16, "target_modules": TARGETS}, LORA_GRID, []),
-    "triadaptlora": ({"name": "triadaptlora", "init_r": 2, "max_r": 16, "budget": RANK_BUDGET, "alpha": 2.0,
-                      "target_modules": TARGETS}, LORA_GRID, []),
+TASKS = {
+    # MiniLM: 6 layers x (query, key, value, attention / intermediate / output dense); widths 384 and 1536.
+    "fortunes": Task(ROOT / "examples" / "fortunes_lora.yaml", ["query", "key", "value", "dense"], 36, 128,
+                     "accuracy"),
+    # SmolLM2-135M: 30 layers x 7 linears; widths 576, 1536 and 192 (k/v).
+    "define": Task(ROOT / "examples" / "smollm2_define.yaml", "all-linear", 210, 64, "token_accuracy"),
 }
+
+
+def methods(task: Task) -> dict[str, tuple[dict, list[float], list[str]]]:
+    """name -> (method section, lr grid, extra overrides). Rank 8 where a method has one; the shared-basis
+    methods use the rank their papers and PEFT default to (their trainable count does not grow with it)
+    and store only what their seeds cannot regenerate (save_projection False, VB-LoRA's top-k weights);
+    the rank-growing methods end at LoRA's total rank, their constant scale is LoRA's alpha/r = 2."""
+    t, budget = task.targets, 8 * task.modules
+
+    def lora(**fields) -> dict:
+        return {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.1, "target_modules": t, **fields}
+
+    return {
+        "lora": (lora(), LORA_GRID, []),
+        "pissa": (lora(init="pissa"), LORA_GRID, []),
+        "olora": (lora(init="olora"), LORA_GRID, []),
+        "milora": (lora(init="milora"), LORA_GRID, []),
+        "nlora": (lora(init="nlora"), LORA_GRID, []),
+        "corda": (lora(init="corda"), LORA_GRID, CALIBRATE),
+        "eva": (lora(init="eva"), LORA_GRID, CALIBRATE),
+        "lora_ga": (lora(init="lora_ga"), LORA_GRID, CALIBRATE),
+        "sorsa": (lora(init="sorsa"), LORA_GRID, []),
+        "kasa": (lora(kasa_config={}), LORA_GRID, []),
+        "loldu": (lora(init="loldu"), VECTOR_GRID, []),
+        "svfit": (lora(init="svfit"), VECTOR_GRID, []),
+        "rslora": (lora(use_rslora=True), LORA_GRID, []),
+        "dora": (lora(use_dora=True), LORA_GRID, []),
+        "loraplus": ({**lora(), "name": "loraplus", "loraplus_lr_ratio": 16}, LORA_GRID, []),
+        "lora_fa": ({**lora(), "name": "lora_fa"}, LORA_GRID, []),
+        "delora": ({"name": "delora", "r": 8, "target_modules": t}, LORA_GRID, []),
+        "vera": ({"name": "vera", "r": 256, "save_projection": False, "target_modules": t}, VECTOR_GRID, []),
+        "vblora": ({"name": "vblora", "r": 8, "vector_length": task.vector_length, "save_only_topk_weights": True,
+                    "target_modules": t}, VECTOR_GRID, []),
+        "nola": ({"name": "nola", "r": 8, "target_modules": t}, VECTOR_GRID, []),
+        "randlora": ({"name": "randlora", "r": 32, "save_projection": False, "target_modules": t}, VECTOR_GRID, []),
+        "mos": ({"name": "mos", "r": 8, "target_modules": t}, LORA_GRID, []),
+        "s2lora": ({"name": "s2lora", "r": 8, "target_modules": t}, LORA_GRID, []),
+        "adalora": ({"name": "adalora", "init_r": 12, "target_r": 8, "target_modules": t}, LORA_GRID, []),
+        "increlora": ({"name": "increlora", "init_r": 2, "max_r": 16, "budget": budget, "deltaT": 4, "top_h": 8,
+                       "alpha": 2.0, "target_modules": t}, LORA_GRID, []),
+        "sora": ({"name": "sora", "r": 8, "alpha": 16, "target_modules": t}, LORA_GRID, []),
+        "triadaptlora": ({"name": "triadaptlora", "init_r": 2, "max_r": 16, "budget": budget, "alpha": 2.0,
+                          "target_modules": t}, LORA_GRID, []),
+    }
+
+
+METHODS = methods(TASKS["fortunes"])
+CONFIG = TASKS["fortunes"].config
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -104,13 +132,14 @@ def _numel(shape) -> int:
     return n
 
 
-def train_one(name: str, lr: float, seed: int, work: Path, budget: list[str], eval_every: int) -> dict:
+def train_one(task: Task, table: dict, job: tuple, work: Path, budget: list[str]) -> dict:
     """One `unipeft train` child: the method's section at `lr` and `seed`; its measurements."""
-    section, _, extra = METHODS[name]
+    name, lr, seed = job
+    section, _, extra = table[name]
     out = work / f"{name}-lr{lr:g}-s{seed}"
-    cmd = [sys.executable, "-m", "unipeft", "train", str(CONFIG), "--method", json.dumps(section),
-           "--optimizer.lr", repr(lr), "--seed", str(seed), "--threads", "1", "--eval_every", str(eval_every),
-           "--log_every", "5", "--output_dir", str(out), "--overwrite", *extra, *budget]
+    cmd = [sys.executable, "-m", "unipeft", "train", str(task.config), "--method", json.dumps(section),
+           "--optimizer.lr", repr(lr), "--seed", str(seed), "--threads", "1", "--log_every", "5",
+           "--output_dir", str(out), "--overwrite", "--quiet", *extra, *budget]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
@@ -120,38 +149,62 @@ def train_one(name: str, lr: float, seed: int, work: Path, budget: list[str], ev
     summary = json.loads((out / "summary.json").read_text())
     records = _read_jsonl(out / "metrics.jsonl")
     sizes = adapter_sizes(out / "adapter")
-    row = {"method": name, "lr": lr, "seed": seed, "test_accuracy": summary["test"]["accuracy"],
-           "valid_accuracy": summary["valid"]["accuracy"], "trainable_params": summary["trainable_params"],
+    m = task.metric
+    row = {"method": name, "lr": lr, "seed": seed, "metric": m, "test_accuracy": summary["test"][m],
+           "valid_accuracy": summary["valid"][m], "trainable_params": summary["trainable_params"],
            "adapter_params": summary["trainable_params"] - sizes["head_params"], "file_bytes": sizes["file_bytes"],
            "steps": summary["steps"], "train_seconds": summary["train_seconds"], "wall_seconds": round(wall, 1),
            "step_seconds": summary["train_seconds"] / max(1, summary["steps"]),
-           "valid_curve": [[r["step"], r["accuracy"]] for r in records if r.get("split") == "valid"],
+           "valid_curve": [[r["step"], r[m]] for r in records if r.get("split") == "valid"],
            "loss_curve": [[r["step"], r["loss"]] for r in records if "split" not in r and "loss" in r]}
+    if "perplexity" in summary["test"]:
+        row["test_perplexity"] = summary["test"]["perplexity"]
     shutil.rmtree(out, ignore_errors=True)
     return row
 
 
-def run_all(names: list[str], seeds: int, workers: int, budget: list[str], eval_every: int,
-            log=print) -> list[dict]:
-    """The lr grid (seed 0) of every method, then seeds 1.. at each method's chosen lr."""
+def _key(task: Task, table: dict, job: tuple, budget: list[str]) -> str:
+    """What decides a run's result: config, method section, lr, seed and budget (the cache key)."""
+    name, lr, seed = job
+    return json.dumps([str(task.config.relative_to(ROOT)), name, table[name][0], table[name][2], lr, seed, budget])
+
+
+def run_all(task: Task, table: dict, names: list[str], seeds: int, workers: int, budget: list[str],
+            cache: Path | None = None, log=print) -> list[dict]:
+    """The lr grid (seed 0) of every method, then seeds 1.. at each method's chosen lr. Finished runs are
+    appended to `cache` (JSON lines) and reused by a later call with the same key, so a long sweep can stop
+    and continue."""
+    done: dict[str, dict] = {}
+    if cache is not None and cache.exists():
+        done = {r["key"]: r["row"] for r in _read_jsonl(cache)}
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="lora-family-") as tmp, ThreadPoolExecutor(workers) as pool:
         work = Path(tmp)
 
-        def launch(jobs):
-            for row in pool.map(lambda j: train_one(*j, work, budget, eval_every), jobs):
-                rows.append(row)
-                shown = row.get("error") or f"valid {row['valid_accuracy']:.3f} test {row['test_accuracy']:.3f}"
-                log(f"{row['method']} lr={row['lr']:g} seed={row['seed']}: {shown}")
+        def one(job):
+            key = _key(task, table, job, budget)
+            if key in done:
+                return done[key], True
+            return train_one(task, table, job, work, budget), False
 
-        launch([(n, lr, 0) for n in names for lr in METHODS[n][1]])
+        def launch(jobs):
+            for row, reused in pool.map(one, jobs):
+                rows.append(row)
+                if cache is not None and not reused and "error" not in row:
+                    with cache.open("a") as f:
+                        f.write(json.dumps({"key": _key(task, table, (row["method"], row["lr"], row["seed"]), budget),
+                                            "row": row}) + "\n")
+                shown = row.get("error") or f"valid {row['valid_accuracy']:.3f} test {row['test_accuracy']:.3f}"
+                log(f"{row['method']} lr={row['lr']:g} seed={row['seed']}{' (cached)' if reused else ''}: {shown}")
+
+        launch([(n, lr, 0) for n in names for lr in table[n][1]])
         chosen = choose_lr(rows)
         launch([(n, chosen[n], s) for n in names if n in chosen for s in range(1, seeds)])
     return rows
 
 
 def choose_lr(rows: list[dict]) -> dict[str, float]:
-    """Per method: the seed-0 lr with the best validation accuracy (ties: the smaller lr)."""
+    """Per method: the seed-0 lr with the best validation score (ties: the smaller lr)."""
     best: dict[str, tuple[float, float]] = {}
     for r in rows:
         if r["seed"] != 0 or "error" in r:
@@ -168,25 +221,38 @@ def main(argv: list[str] | None = None) -> Path:
     from .common import write_outputs
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=sorted(TASKS), default="fortunes",
+                        help="fortunes: MiniLM topic classification (accuracy); define: SmolLM2 word definitions "
+                             "(token accuracy)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="training children at once (one thread each)")
-    parser.add_argument("--eval-every", type=int, default=15, help="steps between validation evaluations")
+    parser.add_argument("--eval-every", type=int, default=20, help="steps between validation evaluations")
     parser.add_argument("--max-steps", type=int)
-    parser.add_argument("--max-per-category", type=int)
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--max-per-category", type=int, help="fortunes: entries per topic")
+    parser.add_argument("--max-examples", type=int, help="define: words")
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/lora_family[_TASK].json")
+    parser.add_argument("--cache", type=Path, help="finished runs as JSON lines, reused when run again "
+                                                   "(default: OUT with .runs.jsonl)")
     args = parser.parse_args(argv)
+    task = TASKS[args.task]
+    table = methods(task)
     names = [n for n in args.methods.split(",") if n]
-    unknown = sorted(set(names) - set(METHODS))
+    unknown = sorted(set(names) - set(table))
     if unknown or "lora" not in names:
         parser.error(f"--methods: unknown {unknown}" if unknown else "--methods: must include lora (the reference)")
-    budget = ([] if args.max_steps is None else ["--max_steps", str(args.max_steps)]) + \
-        ([] if args.max_per_category is None else ["--data.max_per_category", str(args.max_per_category)])
+    out = args.out or RESULTS / ("lora_family.json" if args.task == "fortunes" else f"lora_family_{args.task}.json")
+    budget = [*task.budget, "--eval_every", str(args.eval_every)]
+    for flag, key in (("max_steps", "--max_steps"), ("max_per_category", "--data.max_per_category"),
+                      ("max_examples", "--data.max_examples")):
+        if getattr(args, flag) is not None:
+            budget += [key, str(getattr(args, flag))]
     start = time.perf_counter()
-    rows = run_all(names, args.seeds, args.workers, budget, args.eval_every)
-    res = report.summarise(rows, choose_lr(rows), {n: METHODS[n] for n in names})
-    res.update(report.metadata(args, time.perf_counter() - start, CONFIG.relative_to(ROOT)))
-    return write_outputs(args.out, res, report.markdown, report.plot)
+    rows = run_all(task, table, names, args.seeds, args.workers, budget, args.cache or out.with_suffix(".runs.jsonl"))
+    res = report.summarise(rows, choose_lr(rows), {n: table[n] for n in names})
+    res.update(report.metadata(args, time.perf_counter() - start, task.config.relative_to(ROOT)))
+    res.update({"task": args.task, "metric": task.metric, "budget": budget})
+    return write_outputs(out, res, report.markdown, report.plot)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Summary, verdicts, markdown and PNG of benchmarks/lora_family.py's runs (every figure from those runs).
 
-Per method, the runs at its chosen lr (one per seed): test accuracy mean and standard error,
+Per method, the runs at its chosen lr (one per seed): the test score (the task's metric: accuracy,
+or token accuracy for the causal LM; keys `*_accuracy` either way) mean and standard error,
 trainable parameters (with and without the classifier head every run trains), adapter file
 size, step time relative to LoRA (ratio of medians, 90% paired bootstrap band over seeds) and
 the training time to first reach LoRA's final validation accuracy (mean over LoRA's seeds).
@@ -99,11 +100,11 @@ def claims(runs: dict, per: dict) -> dict:
         both = acc["verdict"] if fewer >= 10 else FAILS
         out["vera_95pct_with_10x_fewer"] = {**acc, "accuracy_share": statistics.fmean(share),
                                             "fewer_params_x": fewer, "verdict": both,
-                                            "what": "VeRA/LoRA test accuracy minus 0.95, and LoRA/VeRA adapter "
+                                            "what": "VeRA/LoRA test score minus 0.95, and LoRA/VeRA adapter "
                                                     "parameters (>= 10 needed)"}
     if "adalora" in runs:
         j = judge(_paired(runs, "adalora", "lora", lambda r: r["test_accuracy"]), margin=0.0)
-        out["adalora_at_least_lora"] = {**j, "what": "AdaLoRA minus LoRA test accuracy; AdaLoRA ends at the "
+        out["adalora_at_least_lora"] = {**j, "what": "AdaLoRA minus LoRA test score; AdaLoRA ends at the "
                                                      "budget target_r=8 per module (starts at init_r=12)",
                                         "adalora_params": per["adalora"]["adapter_params"],
                                         "lora_params": per["lora"]["adapter_params"]}
@@ -120,7 +121,8 @@ def metadata(args, seconds: float, config) -> dict:
     from .common import versions
 
     return {"config": str(config), "seeds": args.seeds, "workers": args.workers, "eval_every": args.eval_every,
-            "max_steps": args.max_steps, "max_per_category": args.max_per_category, "torch_threads_per_run": 1,
+            "max_steps": args.max_steps, "max_per_category": args.max_per_category,
+            "max_examples": args.max_examples, "torch_threads_per_run": 1,
             "seconds": round(seconds, 1), "date": time.strftime("%Y-%m-%d %H:%M"), **versions()}
 
 
@@ -130,9 +132,11 @@ def _f(x, fmt="{:.3f}") -> str:
 
 def markdown(res: dict) -> str:
     """The table and the claims, every number from the JSON."""
-    lines = [f"LoRA family on {res['config']} ({res['seeds']} seeds, lr chosen on validation with seed 0; "
-             f"{res['workers']} runs at once, one thread each; {res['seconds']:.0f} s)", "",
-             "| method | lr | test acc | trainable | adapter params | file KiB | step time / LoRA [90%] | "
+    metric = res.get("metric", "accuracy").replace("_", " ")
+    lines = [f"LoRA family on {res['config']} ({res['seeds']} seeds, lr chosen on validation {metric} with seed 0; "
+             f"{res['workers']} runs at once, one thread each; overrides {' '.join(res.get('budget', []))}; "
+             f"{res['seconds']:.0f} s)", "",
+             f"| method | lr | test {metric} | trainable | adapter params | file KiB | step time / LoRA [90%] | "
              f"s to LoRA valid {res['lora_valid_target']:.3f} |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m, p in res["methods"].items():
         band = p["step_time_band"]
@@ -164,8 +168,9 @@ def plot(res: dict, path) -> None:
     names = list(per)
     fig, axes = panels(5, f"LoRA family on {res['config']}: {res['seeds']} seeds at the lr chosen on validation",
                        cols=2, size=(max(6.0, 0.45 * len(names)), 3.2))
+    metric = res.get("metric", "accuracy").replace("_", " ")
     bars(axes[0], names, {"": [per[m]["test_accuracy"] for m in names]},
-         {"": [per[m]["test_accuracy_se"] for m in names]}, title="test accuracy (± SE)", rotate=True)
+         {"": [per[m]["test_accuracy_se"] for m in names]}, title=f"test {metric} (± SE)", rotate=True)
     bars(axes[1], names, {"": [per[m]["adapter_params"] for m in names]}, title="adapter parameters (log)",
          rotate=True)
     axes[1].set_yscale("log")
