@@ -1,4 +1,5 @@
-"""State naming and save/load in PEFT's on-disk layout (adapter_config.json + safetensors)."""
+"""State naming and save/load in PEFT's on-disk layout (adapter_config.json + safetensors; an older PEFT
+folder's adapter_model.bin is read too, tensors only)."""
 from __future__ import annotations
 
 import os
@@ -19,6 +20,7 @@ from .errors import AdapterLoadError, ConfigError
 from .targets import logical_modules
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # older PEFT folders (torch.save); read with weights_only only
 PREFIX = AdapterConfig.state_prefix
 
 
@@ -71,13 +73,34 @@ def read_adapter(directory: str | Path) -> tuple[AdapterConfig, dict[str, torch.
         raise FileNotFoundError(f"adapter directory {directory} does not exist")
     config = AdapterConfig.load(directory)
     path = directory / WEIGHTS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+    if not path.is_file():  # safetensors wins; the legacy pickle is read only when it is alone
+        legacy = directory / LEGACY_WEIGHTS_NAME
+        if legacy.is_file():
+            return config, _read_legacy(legacy)
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME}) in {directory}")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise AdapterLoadError(f"{path}: cannot read safetensors ({exc})") from None
     return config, tensors
+
+
+def _read_legacy(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a legacy `adapter_model.bin`: torch.load with weights_only=True, so no pickled code
+    runs; anything but a flat {str: Tensor} dict is refused, naming the file (keys and shapes are then
+    checked as for safetensors)."""
+    try:
+        data = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - any failure of the restricted unpickler: not tensors only
+        raise AdapterLoadError(f"{path}: cannot be read as a tensors-only legacy file (weights_only=True; "
+                               f"nothing in it was run): {type(exc).__name__}: {exc}") from None
+    bad = None if isinstance(data, dict) else type(data).__name__
+    if bad is None:
+        bad = next((f"{k!r}: {type(v).__name__}" for k, v in data.items()
+                    if not (isinstance(k, str) and isinstance(v, torch.Tensor))), None)
+    if bad is not None:
+        raise AdapterLoadError(f"{path}: expected a flat {{name: tensor}} dict, found {bad}")
+    return data
 
 
 def _owning_module(modules: set[str], key: str) -> str:

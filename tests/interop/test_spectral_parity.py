@@ -1,0 +1,145 @@
+"""PEFT parity of the spectral package (FourierFT, C3A, SHiRA, MiSS and its variants): PEFT-trained folders
+load in unipeft with identical outputs and merges; our folders load in PEFT with no missing or unexpected
+keys and identical outputs; FourierFT's regenerated locations and SHiRA's masks equal PEFT's."""
+from __future__ import annotations
+
+import warnings
+
+import peft
+import pytest
+import torch
+from peft.utils import set_peft_model_state_dict
+from safetensors.torch import load_file
+
+import unipeft as up
+
+from ._models import build, inputs, output
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+QV = ["query", "value", "intermediate.dense"]  # 32x32, 32x32 and 32 -> 40 in the tiny BERT
+
+CASES = {
+    "fourierft": ("bert", lambda: peft.FourierFTConfig(n_frequency=64, scaling=10.0, target_modules=QV)),
+    "fourierft-pattern-zero": ("bert", lambda: peft.FourierFTConfig(
+        n_frequency=32, scaling=20.0, random_loc_seed=3, init_weights=True, n_frequency_pattern={"value": 100},
+        target_modules=QV)),
+    "fourierft-gpt2-conv1d": ("gpt2", lambda: peft.FourierFTConfig(n_frequency=50, scaling=10.0,
+                                                                   target_modules=["c_attn", "c_fc"])),
+    "c3a": ("bert", lambda: peft.C3AConfig(block_size=8, target_modules=QV)),
+    "c3a-pattern-gaussian": ("bert", lambda: peft.C3AConfig(block_size=8, block_size_pattern={"query": 16},
+                                                            init_weights="gaussian", target_modules=QV)),
+    "c3a-llama": ("llama", lambda: peft.C3AConfig(block_size=16, init_weights="kaiming_uniform",
+                                                  target_modules=["q_proj", "k_proj", "down_proj"])),
+    "shira": ("bert", lambda: peft.ShiraConfig(r=2, random_seed=7, target_modules=QV)),
+    "shira-llama-default-seed": ("llama", lambda: peft.ShiraConfig(r=1, target_modules=["q_proj", "up_proj"])),
+    "miss": ("bert", lambda: peft.MissConfig(r=4, target_modules=QV)),
+    "miss-padded": ("bert", lambda: peft.MissConfig(r=3, target_modules=QV)),
+    "miss-mini": ("bert", lambda: peft.MissConfig(r=4, mini_r=8, init_weights="mini", target_modules=QV)),
+    "miss-bat": ("bert", lambda: peft.MissConfig(r=8, init_weights="bat", target_modules=QV)),
+    "miss-bat-llama": ("llama", lambda: peft.MissConfig(r=8, init_weights="bat", target_modules=["q_proj",
+                                                                                                  "gate_proj"])),
+}
+
+
+def _loss(model, kind: str, seed: int) -> torch.Tensor:
+    out = output(model, inputs(kind, seed=seed))
+    return (out.float() ** 2).mean() + out.float().mean()
+
+
+def _train(model, kind: str, seed: int, steps: int = 3):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for step in range(steps):
+        opt.zero_grad()
+        _loss(model, kind, seed + step).backward()
+        opt.step()
+    return model.eval()
+
+
+def _peft_load_report(kind: str, folder):
+    """PEFT loads `folder`: (model, warnings about keys, unexpected keys, missing adapter keys)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = peft.PeftModel.from_pretrained(build(kind), folder).eval()
+    noisy = [str(w.message) for w in caught if any(s in str(w.message) for s in ("missing", "nexpected"))]
+    result = set_peft_model_state_dict(pm, load_file(str(folder / "adapter_model.safetensors")))
+    return pm, noisy, set(result.unexpected_keys), set(result.missing_keys)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_peft_trained_folder_loads_with_identical_outputs_and_merge(case, tmp_path):
+    kind, make = CASES[case]
+    torch.manual_seed(0)
+    pm = _train(peft.get_peft_model(build(kind), make()), kind, seed=10)
+    pm.save_pretrained(tmp_path)
+    ours = up.AdaptedModel.from_pretrained(build(kind), tmp_path)
+    batch = inputs(kind, seed=99)
+    with torch.no_grad():
+        expected = output(pm, batch)
+        assert (expected - output(build(kind), batch)).abs().max() > 1e-5, "the adapter does nothing"
+        torch.testing.assert_close(output(ours, batch), expected, **TOL)
+    merged_peft = pm.merge_and_unload().state_dict()
+    merged_ours = ours.merge_and_unload().state_dict()
+    assert merged_peft.keys() == merged_ours.keys()
+    for key in merged_peft:
+        torch.testing.assert_close(merged_ours[key], merged_peft[key], **TOL, msg=f"merged {key}")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_our_folder_loads_in_peft_with_no_missing_or_unexpected_keys(case, tmp_path):
+    kind, make = CASES[case]
+    config = up.AdapterConfig.from_dict(make().to_dict())  # PEFT's own dict -> our config
+    torch.manual_seed(1)
+    ours = _train(up.adapt(build(kind), config), kind, seed=20)
+    ours.save_pretrained(tmp_path / "ours")
+    peft.get_peft_model(build(kind), make()).save_pretrained(tmp_path / "peft")
+    _, _, _, missing_own = _peft_load_report(kind, tmp_path / "peft")
+
+    pm, noisy, unexpected, missing = _peft_load_report(kind, tmp_path / "ours")
+    assert not noisy, noisy
+    assert not unexpected
+    assert missing == missing_own
+    ours_file = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    peft_file = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert set(ours_file) == set(peft_file)
+    for key, tensor in peft_file.items():
+        assert ours_file[key].shape == tensor.shape and ours_file[key].dtype == tensor.dtype, key
+    batch = inputs(kind, seed=98)
+    with torch.no_grad():
+        expected = output(ours, batch)
+        assert (expected - output(build(kind), batch)).abs().max() > 1e-5, "the adapter does nothing"
+        torch.testing.assert_close(output(pm, batch), expected, **TOL)
+
+
+def _peft_layers(pm, attr: str) -> dict[str, dict]:
+    """{module path: the PEFT layer's per-adapter dict `attr`} over PEFT's tuner layers."""
+    prefix = "base_model.model."
+    return {n[len(prefix):]: getattr(m, attr) for n, m in pm.named_modules() if hasattr(m, attr)
+            and isinstance(getattr(m, attr), dict) and "default" in getattr(m, attr)}
+
+
+@pytest.mark.parametrize("case,attr,ours_attr", [
+    ("fourierft", "indices", "indices"), ("fourierft-pattern-zero", "indices", "indices"),
+    ("fourierft-gpt2-conv1d", "indices", "indices"), ("shira", "shira_indices", "shira_indices"),
+    ("shira-llama-default-seed", "shira_indices", "shira_indices")])
+def test_seeded_locations_equal_peft_generation(case, attr, ours_attr):
+    """FourierFT's spectral locations and SHiRA's random masks, drawn by both from the same seed: equal."""
+    kind, make = CASES[case]
+    pm = peft.get_peft_model(build(kind), make())
+    ours = up.adapt(build(kind), up.AdapterConfig.from_dict(make().to_dict()))
+    theirs = _peft_layers(pm, attr)
+    mine = {s.path: getattr(s.deltas["default"], ours_attr) for s in ours.sites()}
+    assert theirs.keys() == mine.keys() and mine
+    for path, value in mine.items():
+        assert torch.equal(value.long(), theirs[path]["default"].long()), path
+
+
+@pytest.mark.parametrize("case", ["fourierft", "c3a", "shira", "miss", "miss-bat"])
+def test_config_round_trips_through_peft_json(case, tmp_path):
+    """Our adapter_config.json loads as PEFT's config class with the same values, and back."""
+    kind, make = CASES[case]
+    ours = up.AdapterConfig.from_dict(make().to_dict())
+    ours.save(tmp_path)
+    theirs = peft.PeftConfig.from_pretrained(str(tmp_path))
+    assert type(theirs).__name__ == type(ours).peft_class
+    back = up.AdapterConfig.from_dict(theirs.to_dict())
+    assert back.to_dict() == ours.to_dict()

@@ -1,0 +1,170 @@
+"""PEFT parity of TrainableTokens: PEFT-trained folders load in unipeft with identical outputs (and, untied,
+identical merged weights); our folders load in PEFT with its own keys, none missing or unexpected, and
+identical outputs. GPT-2's tied lm_head follows the embedding's rows on both sides; PEFT adds it implicitly, unipeft
+needs it named in target_modules (and PEFT needs it left out), so those two tests rewrite that one field."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import peft
+import pytest
+import torch
+from peft.utils import set_peft_model_state_dict
+from safetensors.torch import load_file
+
+import unipeft as up
+
+from ._models import VOCAB, build, inputs, output
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+IDS = [3, 17, 40, VOCAB - 1]
+
+CASES = {  # name: (model, PEFT config, whether the adapted weight is tied to another module)
+    "llama-default-target": ("llama", lambda: peft.TrainableTokensConfig(token_indices=IDS), False),
+    "bert-word-embeddings": ("bert", lambda: peft.TrainableTokensConfig(token_indices=IDS[:3],
+                                                                        target_modules=["word_embeddings"]), False),
+}
+
+
+def _batch(kind: str, seed: int) -> dict:
+    """A batch in which every row holds every chosen token."""
+    batch = inputs(kind, seed=seed)
+    batch["input_ids"][:, :len(IDS)] = torch.tensor(IDS)
+    return batch
+
+
+def _train(model, kind: str, seed: int, steps: int = 3):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for step in range(steps):
+        opt.zero_grad()
+        out = output(model, _batch(kind, seed + step))
+        ((out ** 2).mean() + out.mean()).backward()
+        opt.step()
+    return model.eval()
+
+
+def _peft_load_report(kind: str, folder):
+    """PEFT loads `folder`: (model, warnings about keys, unexpected keys, missing adapter keys)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = peft.PeftModel.from_pretrained(build(kind), folder).eval()
+    noisy = [str(w.message) for w in caught if any(s in str(w.message) for s in ("missing", "nexpected"))]
+    result = set_peft_model_state_dict(pm, load_file(str(folder / "adapter_model.safetensors")))
+    return pm, noisy, set(result.unexpected_keys), set(result.missing_keys)
+
+
+def _assert_same_merge(pm, ours, tied: bool) -> None:
+    if tied:  # PEFT writes the rows into the shared weight; unipeft's core refuses merges into tied weights
+        with pytest.raises(up.MergeError, match="tied"):
+            ours.merge_and_unload()
+        return
+    merged_peft = pm.merge_and_unload().state_dict()
+    merged_ours = ours.merge_and_unload().state_dict()
+    assert merged_peft.keys() == merged_ours.keys()
+    for key in merged_peft:
+        torch.testing.assert_close(merged_ours[key], merged_peft[key], **TOL, msg=f"merged {key}")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_peft_trained_folder_loads_with_identical_outputs_and_merge(case, tmp_path):
+    kind, make, tied = CASES[case]
+    pm = _train(peft.get_peft_model(build(kind), make()), kind, seed=10)
+    pm.save_pretrained(tmp_path)
+    ours = up.AdaptedModel.from_pretrained(build(kind), tmp_path)
+    batch = _batch(kind, seed=99)
+    with torch.no_grad():
+        expected = output(pm, batch)
+        assert (expected - output(build(kind), batch)).abs().max() > 1e-4, "the adapter does nothing"
+        torch.testing.assert_close(output(ours, batch), expected, **TOL)
+    _assert_same_merge(pm, ours, tied)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_our_folder_loads_in_peft_with_no_missing_or_unexpected_keys(case, tmp_path):
+    kind, make, tied = CASES[case]
+    config = up.AdapterConfig.from_dict(make().to_dict())  # PEFT's own dict -> our config
+    ours = _train(up.adapt(build(kind), config), kind, seed=20)
+    ours.save_pretrained(tmp_path / "ours")
+    peft.get_peft_model(build(kind), make()).save_pretrained(tmp_path / "peft")
+    _, _, _, missing_own = _peft_load_report(kind, tmp_path / "peft")
+    pm, noisy, unexpected, missing = _peft_load_report(kind, tmp_path / "ours")
+    assert not noisy, noisy
+    assert not unexpected and missing == missing_own
+    ours_keys = set(load_file(str(tmp_path / "ours" / "adapter_model.safetensors")))
+    assert ours_keys == set(load_file(str(tmp_path / "peft" / "adapter_model.safetensors")))
+    batch = _batch(kind, seed=98)
+    with torch.no_grad():
+        assert (output(ours, batch) - output(build(kind), batch)).abs().max() > 1e-4, "the adapter does nothing"
+        torch.testing.assert_close(output(pm, batch), output(ours, batch), **TOL)
+    _assert_same_merge(pm, ours, tied)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fresh_rows_equal_peft_and_both_are_the_identity(case):
+    kind, make, _ = CASES[case]
+    pm = peft.get_peft_model(build(kind), make())
+    ours = up.adapt(build(kind), up.AdapterConfig.from_dict(make().to_dict()))
+    theirs = [p for p in pm.parameters() if p.requires_grad]
+    assert len(theirs) == 1
+    mine = ours.adapter_state_dict()
+    assert len(mine) == 1
+    for key, value in mine.items():
+        assert torch.equal(value, theirs[0].detach()), key
+    batch = _batch(kind, seed=3)
+    with torch.no_grad():
+        base = output(build(kind), batch)
+        torch.testing.assert_close(output(pm, batch), base, rtol=0, atol=0)
+        torch.testing.assert_close(output(ours, batch), base, rtol=0, atol=0)
+
+
+def test_peft_default_folder_on_a_tied_model_is_refused_naming_the_head(tmp_path):
+    """PEFT adapts GPT-2's tied lm_head implicitly (its config names only transformer.wte): unipeft does not
+    add targets on its own, so it refuses the folder instead of leaving the head on the old rows."""
+    pm = peft.get_peft_model(build("gpt2"), peft.TrainableTokensConfig(token_indices=IDS))
+    pm.save_pretrained(tmp_path)
+    assert "base_model.model.lm_head.trainable_tokens_delta" in load_file(str(tmp_path / "adapter_model.safetensors"))
+    base = build("gpt2")
+    with pytest.raises(up.TargetError, match=r"tied to \['lm_head'\]"):
+        up.AdaptedModel.from_pretrained(base, tmp_path)
+    assert not any(isinstance(m, up.Delta) for m in base.modules())
+
+
+def _name_targets(folder, targets) -> None:
+    """Rewrite the folder's target_modules (the one field in which the two sides name a tied head)."""
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "target_modules": targets}))
+
+
+def test_peft_tied_folder_loads_with_identical_outputs_once_the_head_is_named(tmp_path):
+    """PEFT's default on GPT-2 adapts wte and, implicitly, the tied lm_head; named explicitly, the same
+    file (both keys) loads in unipeft, where the head follows the embedding's rows."""
+    pm = _train(peft.get_peft_model(build("gpt2"), peft.TrainableTokensConfig(token_indices=IDS)), "gpt2", seed=10)
+    pm.save_pretrained(tmp_path)
+    _name_targets(tmp_path, ["transformer.wte", "lm_head"])
+    ours = up.AdaptedModel.from_pretrained(build("gpt2"), tmp_path)
+    batch = _batch("gpt2", seed=99)
+    with torch.no_grad():
+        expected = output(pm, batch)
+        assert (expected - output(build("gpt2"), batch)).abs().max() > 1e-4, "the adapter does nothing"
+        torch.testing.assert_close(output(ours, batch), expected, **TOL)
+    _assert_same_merge(pm, ours, tied=True)
+
+
+def test_our_tied_folder_loads_in_peft_once_only_the_embedding_is_named(tmp_path):
+    """PEFT ties the head itself when only the embedding is named (naming both nests its layers): so named,
+    our file loads in PEFT with its own keys, none missing or unexpected, and identical outputs."""
+    ours = _train(up.adapt(build("gpt2"), up.TrainableTokensConfig(token_indices=IDS,
+                                                                   target_modules=["wte", "lm_head"])), "gpt2", seed=20)
+    ours.save_pretrained(tmp_path / "ours")
+    _name_targets(tmp_path / "ours", "transformer.wte")
+    peft.get_peft_model(build("gpt2"), peft.TrainableTokensConfig(token_indices=IDS)).save_pretrained(tmp_path / "peft")
+    _, _, _, missing_own = _peft_load_report("gpt2", tmp_path / "peft")
+    pm, noisy, unexpected, missing = _peft_load_report("gpt2", tmp_path / "ours")
+    assert not noisy and not unexpected and missing == missing_own, (noisy, unexpected)
+    ours_keys = set(load_file(str(tmp_path / "ours" / "adapter_model.safetensors")))
+    assert ours_keys == set(load_file(str(tmp_path / "peft" / "adapter_model.safetensors")))
+    batch = _batch("gpt2", seed=98)
+    with torch.no_grad():
+        assert (output(ours, batch) - output(build("gpt2"), batch)).abs().max() > 1e-4, "the adapter does nothing"
+        torch.testing.assert_close(output(pm, batch), output(ours, batch), **TOL)
