@@ -7,7 +7,7 @@ base then runs with that weight, so the unmerged forward and the merged weight a
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -132,3 +132,21 @@ class OrthogonalDelta(Delta):
     def delta_weight(self) -> dict[str, torch.Tensor]:
         weight = self.base.weight.detach()
         return {"weight": self._new_weight(weight, False) - weight}
+
+
+class SizedBlocks:
+    """Config mixin: exactly one of the two block-size fields `sizes` is set; PEFT writes the unset one as 0."""
+
+    sizes: ClassVar[tuple[str, str]] = ()
+
+    def validate(self) -> None:
+        super().validate()
+        exactly_one(self, self.sizes)
+
+    @classmethod
+    def _value_to_peft(cls, name: str, value: Any) -> Any:
+        return none_to_zero(value) if name in cls.sizes else value
+
+    @classmethod
+    def _value_from_peft(cls, name: str, value: Any) -> Any:
+        return zero_to_none(value) if name in cls.sizes else value

@@ -28,17 +28,18 @@ from ...core.config import AdapterConfig
 from ...core.errors import ConfigError
 from ...core.fields import fraction, positive_int
 from ...core.registry import Capabilities, register
-from ._common import OrthogonalDelta, cayley, exactly_one, flag, none_to_zero, rotated_width, split, zero_to_none
+from ._common import OrthogonalDelta, SizedBlocks, cayley, flag, rotated_width, split
 
 _SIZES = ("boft_block_num", "boft_block_size")
 
 
 @dataclass
-class BOFTConfig(AdapterConfig):
+class BOFTConfig(SizedBlocks, AdapterConfig):
     """BOFT: the base runs with diag(s) W M^T, M a product of boft_n_butterfly_factor butterfly rotations."""
 
     peft_class = "BOFTConfig"
     peft_type = "BOFT"
+    sizes = _SIZES
     peft_inert = {"fan_in_fan_out": False, "bias": "none"}
 
     boft_block_size: int | None = positive_int(4, optional=True)
@@ -46,18 +47,6 @@ class BOFTConfig(AdapterConfig):
     boft_n_butterfly_factor: int = positive_int(1)
     boft_dropout: float = fraction(0.0, "0 <= boft_dropout < 1")
     init_weights: bool = flag(True)
-
-    def validate(self) -> None:
-        super().validate()
-        exactly_one(self, _SIZES)
-
-    @classmethod
-    def _value_to_peft(cls, name: str, value: Any) -> Any:
-        return none_to_zero(value) if name in _SIZES else value
-
-    @classmethod
-    def _value_from_peft(cls, name: str, value: Any) -> Any:
-        return zero_to_none(value) if name in _SIZES else value
 
     @classmethod
     def example_fields(cls, candidates: list[str]) -> dict[str, Any]:

@@ -29,18 +29,18 @@ from ...core import layers
 from ...core.config import AdapterConfig
 from ...core.fields import fraction, positive_int, positive_number
 from ...core.registry import Capabilities, register
-from ._common import (OrthogonalDelta, cayley, drop_blocks, exactly_one, flag, none_to_zero, rotated_width, skew,
-                      split, zero_to_none)
+from ._common import OrthogonalDelta, SizedBlocks, cayley, drop_blocks, flag, rotated_width, skew, split
 
 _SIZES = ("r", "oft_block_size")
 
 
 @dataclass
-class OFTConfig(AdapterConfig):
+class OFTConfig(SizedBlocks, AdapterConfig):
     """OFT: the base runs with W R^T, R block-diagonal orthogonal (r blocks of oft_block_size; give one)."""
 
     peft_class = "OFTConfig"
     peft_type = "OFT"
+    sizes = _SIZES
     peft_inert = {"fan_in_fan_out": False, "bias": "none"}
 
     r: int | None = positive_int(None, optional=True)
@@ -52,18 +52,6 @@ class OFTConfig(AdapterConfig):
     block_share: bool = flag(False)
     use_cayley_neumann: bool = flag(True)
     num_cayley_neumann_terms: int = positive_int(5)
-
-    def validate(self) -> None:
-        super().validate()
-        exactly_one(self, _SIZES)
-
-    @classmethod
-    def _value_to_peft(cls, name: str, value: Any) -> Any:
-        return none_to_zero(value) if name in _SIZES else value
-
-    @classmethod
-    def _value_from_peft(cls, name: str, value: Any) -> Any:
-        return zero_to_none(value) if name in _SIZES else value
 
     @classmethod
     def example_fields(cls, candidates: list[str]) -> dict[str, Any]:
