@@ -3,21 +3,19 @@ outputs, gradients and merged weights; our trained folders load in PEFT with no 
 and identical outputs; the same seed draws PEFT's initial tensors; the dimension split equals PEFT's."""
 from __future__ import annotations
 
-import warnings
 
 import peft
 import pytest
 import torch
 from peft.tuners.lokr.layer import factorization as peft_factorization
-from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 import unipeft as up
 from unipeft.methods.lycoris import factorization
 
 from ._models import build, inputs, output
+from ._parity import TOL, assert_same_merge, output_loss, peft_load_report, train_steps
 
-TOL = dict(atol=1e-5, rtol=1e-5)
 BERT = ["query", "value", "intermediate.dense", "classifier"]
 # Rank dropout renormalises by the kept share of output rows: PEFT gives NaN when every row of a narrow layer
 # (the 3-way classifier) is dropped, so the dropout cases adapt the wide layers only.
@@ -53,19 +51,12 @@ ADAPTER_KEYS = ("hada_", "lokr_")
 
 
 def _loss(model, kind: str, seed: int) -> torch.Tensor:
-    out = output(model, inputs(kind, seed=seed)).float()
-    return (out ** 2).mean() + out.mean()
+    return output_loss(output(model, inputs(kind, seed=seed)))
 
 
-def _train(model, kind: str, seed: int, steps: int = 3):
+def _train(model, kind: str, seed: int):
     """A few AdamW steps in training mode (rank and module dropout active), so no factor stays at its init."""
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    for step in range(steps):
-        opt.zero_grad()
-        _loss(model, kind, seed + step).backward()
-        opt.step()
-    return model.eval()
+    return train_steps(model, lambda m, s: output(m, inputs(kind, seed=s)), seed, train_mode=True)
 
 
 def _peft_grads(pm) -> dict[str, torch.Tensor]:
@@ -111,11 +102,7 @@ def test_peft_trained_folder_loads_with_identical_outputs_grads_and_merge(case, 
         with pytest.raises(up.MergeError, match="tied"):
             ours.merge()
         return
-    merged_peft = pm.merge_and_unload().state_dict()
-    merged_ours = ours.merge_and_unload().state_dict()
-    assert merged_peft.keys() == merged_ours.keys()
-    for key in merged_peft:
-        torch.testing.assert_close(merged_ours[key], merged_peft[key], **TOL, msg=f"merged {key}")
+    assert_same_merge(pm, ours)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -125,14 +112,10 @@ def test_our_trained_folder_loads_in_peft_with_no_missing_or_unexpected_keys(cas
     torch.manual_seed(1)
     ours = _train(up.adapt(build(kind), config), kind, seed=20)
     ours.save_pretrained(tmp_path)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pm = peft.PeftModel.from_pretrained(build(kind), tmp_path).eval()
-    noisy = [str(w.message) for w in caught if any(s in str(w.message) for s in ("missing", "nexpected"))]
+    pm, noisy, unexpected, missing = peft_load_report(build(kind), tmp_path)
     assert not noisy, noisy
-    result = set_peft_model_state_dict(pm, load_file(str(tmp_path / "adapter_model.safetensors")))
-    assert not result.unexpected_keys
-    assert not [k for k in result.missing_keys if any(s in k for s in ADAPTER_KEYS)]
+    assert not unexpected
+    assert not [k for k in missing if any(s in k for s in ADAPTER_KEYS)]
     batch = inputs(kind, seed=98)
     with torch.no_grad():
         ours_out = output(ours, batch)

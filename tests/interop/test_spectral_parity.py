@@ -3,19 +3,16 @@ load in unipeft with identical outputs and merges; our folders load in PEFT with
 keys and identical outputs; FourierFT's regenerated locations and SHiRA's masks equal PEFT's."""
 from __future__ import annotations
 
-import warnings
-
 import peft
 import pytest
 import torch
-from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 import unipeft as up
 
 from ._models import build, inputs, output
+from ._parity import TOL, assert_same_merge, peft_load_report, train_steps
 
-TOL = dict(atol=1e-5, rtol=1e-5)
 QV = ["query", "value", "intermediate.dense"]  # 32x32, 32x32 and 32 -> 40 in the tiny BERT
 
 CASES = {
@@ -41,28 +38,12 @@ CASES = {
 }
 
 
-def _loss(model, kind: str, seed: int) -> torch.Tensor:
-    out = output(model, inputs(kind, seed=seed))
-    return (out.float() ** 2).mean() + out.float().mean()
-
-
-def _train(model, kind: str, seed: int, steps: int = 3):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    for step in range(steps):
-        opt.zero_grad()
-        _loss(model, kind, seed + step).backward()
-        opt.step()
-    return model.eval()
+def _train(model, kind: str, seed: int):
+    return train_steps(model, lambda m, s: output(m, inputs(kind, seed=s)), seed)
 
 
 def _peft_load_report(kind: str, folder):
-    """PEFT loads `folder`: (model, warnings about keys, unexpected keys, missing adapter keys)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pm = peft.PeftModel.from_pretrained(build(kind), folder).eval()
-    noisy = [str(w.message) for w in caught if any(s in str(w.message) for s in ("missing", "nexpected"))]
-    result = set_peft_model_state_dict(pm, load_file(str(folder / "adapter_model.safetensors")))
-    return pm, noisy, set(result.unexpected_keys), set(result.missing_keys)
+    return peft_load_report(build(kind), folder)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -77,11 +58,7 @@ def test_peft_trained_folder_loads_with_identical_outputs_and_merge(case, tmp_pa
         expected = output(pm, batch)
         assert (expected - output(build(kind), batch)).abs().max() > 1e-5, "the adapter does nothing"
         torch.testing.assert_close(output(ours, batch), expected, **TOL)
-    merged_peft = pm.merge_and_unload().state_dict()
-    merged_ours = ours.merge_and_unload().state_dict()
-    assert merged_peft.keys() == merged_ours.keys()
-    for key in merged_peft:
-        torch.testing.assert_close(merged_ours[key], merged_peft[key], **TOL, msg=f"merged {key}")
+    assert_same_merge(pm, ours)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -5,19 +5,17 @@ needs it named in target_modules (and PEFT needs it left out), so those two test
 from __future__ import annotations
 
 import json
-import warnings
 
 import peft
 import pytest
 import torch
-from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 import unipeft as up
 
 from ._models import VOCAB, build, inputs, output
+from ._parity import TOL, assert_same_merge, peft_load_report, train_steps
 
-TOL = dict(atol=1e-5, rtol=1e-5)
 IDS = [3, 17, 40, VOCAB - 1]
 
 CASES = {  # name: (model, PEFT config, whether the adapted weight is tied to another module)
@@ -34,24 +32,12 @@ def _batch(kind: str, seed: int) -> dict:
     return batch
 
 
-def _train(model, kind: str, seed: int, steps: int = 3):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    for step in range(steps):
-        opt.zero_grad()
-        out = output(model, _batch(kind, seed + step))
-        ((out ** 2).mean() + out.mean()).backward()
-        opt.step()
-    return model.eval()
+def _train(model, kind: str, seed: int):
+    return train_steps(model, lambda m, s: output(m, _batch(kind, s)), seed)
 
 
 def _peft_load_report(kind: str, folder):
-    """PEFT loads `folder`: (model, warnings about keys, unexpected keys, missing adapter keys)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pm = peft.PeftModel.from_pretrained(build(kind), folder).eval()
-    noisy = [str(w.message) for w in caught if any(s in str(w.message) for s in ("missing", "nexpected"))]
-    result = set_peft_model_state_dict(pm, load_file(str(folder / "adapter_model.safetensors")))
-    return pm, noisy, set(result.unexpected_keys), set(result.missing_keys)
+    return peft_load_report(build(kind), folder)
 
 
 def _assert_same_merge(pm, ours, tied: bool) -> None:
@@ -59,11 +45,7 @@ def _assert_same_merge(pm, ours, tied: bool) -> None:
         with pytest.raises(up.MergeError, match="tied"):
             ours.merge_and_unload()
         return
-    merged_peft = pm.merge_and_unload().state_dict()
-    merged_ours = ours.merge_and_unload().state_dict()
-    assert merged_peft.keys() == merged_ours.keys()
-    for key in merged_peft:
-        torch.testing.assert_close(merged_ours[key], merged_peft[key], **TOL, msg=f"merged {key}")
+    assert_same_merge(pm, ours)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
