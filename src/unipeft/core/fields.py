@@ -18,7 +18,8 @@ from typing import Any
 from .errors import ConfigError
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
+    """An int that is not a bool (True would otherwise pass as 1)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -50,7 +51,12 @@ def ruled(default: Any, rule: Rule, factory: bool = False) -> Any:
 
 def positive_int(default: int | None, optional: bool = False) -> Any:
     """An integer > 0 (bools are refused)."""
-    return ruled(default, Rule(lambda v: _is_int(v) and v > 0, "a positive integer", optional))
+    return ruled(default, Rule(lambda v: is_int(v) and v > 0, "a positive integer", optional))
+
+
+def non_negative_int(default: int) -> Any:
+    """An integer >= 0 (bools are refused)."""
+    return ruled(default, Rule(lambda v: is_int(v) and v >= 0, "an integer >= 0"))
 
 
 def non_negative(default: float) -> Any:

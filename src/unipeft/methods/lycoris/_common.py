@@ -18,7 +18,7 @@ from torch import nn
 from ...core.config import AdapterConfig
 from ...core.delta import Delta
 from ...core.errors import ConfigError, TargetError
-from ...core.fields import Rule, fraction, positive_int, ruled
+from ...core.fields import Rule, fraction, is_int, positive_int, ruled
 from ...core.targets import pattern_key
 
 # The base layers PEFT's LoHa / LoKr adapt (GPT-2's transposed Conv1D and Conv3d are not among them).
@@ -55,7 +55,7 @@ class LycorisConfig(AdapterConfig):
         super().validate()
         owner = type(self).__name__
         for name, expected, ok in (("rank_pattern", "a positive integer rank",
-                                    lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+                                    lambda v: is_int(v) and v > 0),
                                    ("alpha_pattern", "a finite number", _is_number)):
             patterns = getattr(self, name)
             if not isinstance(patterns, dict):

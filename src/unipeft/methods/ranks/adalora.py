@@ -28,7 +28,7 @@ import torch
 
 from ...core.config import AdapterConfig
 from ...core.errors import ConfigError
-from ...core.fields import non_negative, positive_int
+from ...core.fields import non_negative, non_negative_int, positive_int
 from ..lora.config import LoraConfig
 from .importance import FACTORS, GradCaptureCallback, Sensitivity, factor_params
 
@@ -47,8 +47,8 @@ class AdaLoraConfig(LoraConfig):
 
     target_r: int = positive_int(8)
     init_r: int = positive_int(12)
-    tinit: int = 0
-    tfinal: int = 0
+    tinit: int = non_negative_int(0)
+    tfinal: int = non_negative_int(0)
     deltaT: int = positive_int(1)
     beta1: float = 0.85
     beta2: float = 0.85
@@ -67,10 +67,6 @@ class AdaLoraConfig(LoraConfig):
             raise ConfigError(f"{name}.r: rank must be a positive integer, got {self.r!r} (AdaLoRA uses init_r)")
         for f in ("beta1", "beta2"):
             _open_unit(name, f, getattr(self, f))
-        for f in ("tinit", "tfinal"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ConfigError(f"{name}.{f}: expected an integer >= 0, got {v!r}")
         t = self.total_step
         if t is not None:
             if isinstance(t, bool) or not isinstance(t, int) or t <= 0:

@@ -27,14 +27,9 @@ from torch import nn
 from ...core.bank import Bank
 from ...core.config import AdapterConfig
 from ...core.errors import ConfigError
-from ...core.fields import fraction, positive_int, positive_number, ruled, Rule
+from ...core.fields import fraction, non_negative_int, positive_int, positive_number
 from ...core.registry import Capabilities, register
 from ._common import LAYERS, FactorDelta, seeded, widest
-
-
-def _non_negative_int(default: int) -> Any:
-    return ruled(default, Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-                               "an integer >= 0"))
 
 
 @dataclass
@@ -48,7 +43,7 @@ class MosConfig(AdapterConfig):
     alpha: float = positive_number(16)
     shards_per_vector: int = positive_int(2)
     pool_size: int = positive_int(64)
-    private_shards: int = _non_negative_int(1)
+    private_shards: int = non_negative_int(1)
     subset_selection: bool = True
     pair_dissociation: bool = True
     index_seed: int = 0

@@ -14,18 +14,14 @@ from torch import nn
 from ...core import layers
 from ...core.delta import Delta
 from ...core.errors import ConfigError
-from ...core.fields import Rule, ruled
+from ...core.fields import Rule, is_int, ruled
 from ...core.targets import pattern_key
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def positive_int_dict() -> Any:
     """A dict {module name or regex: positive integer} (PEFT's *_pattern fields), empty by default."""
     def ok(v: Any) -> bool:
-        return isinstance(v, dict) and all(isinstance(k, str) and _is_int(x) and x > 0 for k, x in v.items())
+        return isinstance(v, dict) and all(isinstance(k, str) and is_int(x) and x > 0 for k, x in v.items())
     return dataclasses.field(default_factory=dict, metadata={"rule": Rule(ok, "a dict {module name or regex: "
                                                                                 "positive integer}")})
 
@@ -39,12 +35,12 @@ def one_of(default: Any, options: tuple) -> Any:
 
 def integer(default: int | None, optional: bool = False) -> Any:
     """Any integer (a seed); bools are refused."""
-    return ruled(default, Rule(_is_int, "an integer", optional))
+    return ruled(default, Rule(is_int, "an integer", optional))
 
 
 def finite_number(default: float) -> Any:
     """Any finite int or float (a scale)."""
-    return ruled(default, Rule(lambda v: (_is_int(v) or isinstance(v, float)) and math.isfinite(v),
+    return ruled(default, Rule(lambda v: (is_int(v) or isinstance(v, float)) and math.isfinite(v),
                                "a finite number"))
 
 
