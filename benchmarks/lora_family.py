@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -121,15 +122,8 @@ def adapter_sizes(adapter_dir: Path) -> dict:
     with safe_open(str(file), "pt") as f:
         for key in f.keys():
             if ".classifier." in key:
-                head += _numel(f.get_slice(key).get_shape())
+                head += math.prod(f.get_slice(key).get_shape())
     return {"file_bytes": file.stat().st_size, "head_params": head}
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def train_one(task: Task, table: dict, job: tuple, work: Path, budget: list[str]) -> dict:
