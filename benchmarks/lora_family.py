@@ -7,9 +7,11 @@ Each method trains the task's shipped config (fortunes: examples/fortunes_lora.y
 accuracy; define: examples/smollm2_define.yaml, SmolLM2, token accuracy) with its own `method`
 section (rank 8 where the method has a rank, the config's target modules; a classifier head
 trains in full as in every classification run) as a `unipeft train` child process with one torch
-thread; `--workers` children run at once. Selection: every learning rate of the method's declared
-grid trains with seed 0 and the one with the best validation score (ties: the smaller lr) is kept;
-seeds 1..N-1 then train at that lr. The test split is read only for the reported score. Measured
+thread; `--workers` children run at once. Selection: every point of the method's declared grid (a
+learning rate, or a learning rate with method fields such as DeLoRA's lambda) trains with seed 0;
+when the best validation score sits at the smallest or largest lr tried, the next lr of the
+half-decade ladder beyond it trains too (`--extend-edges` times at most), and the point with the
+best validation score (ties: the smaller lr) is kept; seeds 1..N-1 then train at that point. The test split is read only for the reported score. Measured
 per run: test score, trainable parameters (and those of the adapter without the head), adapter
 file size, step time (training seconds / steps), the validation curve (every --eval-every steps)
 and the training loss curve. Finished runs are cached (JSON lines), so a sweep that stops continues
@@ -33,10 +35,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from .lora_family_report import label
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 LORA_GRID = [3e-4, 1e-3, 3e-3]  # A/B matrices
 VECTOR_GRID = [3e-3, 1e-2, 3e-2]  # methods that train only vectors or mixing coefficients
+LADDER = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]  # where an edge extension steps
+# DeLoRA bounds each update by lambda x the weight's column norms, so lambda is a strength chosen with the lr:
+# PEFT's default lambda 15 on LoRA's grid, and the smaller bounds 1 and 3 at PEFT's advised larger lrs.
+DELORA_GRID = LORA_GRID + [{"lr": lr, "delora_lambda": lam} for lam in (1, 3) for lr in (1e-3, 3e-3, 1e-2)]
 CALIBRATE = ["--calibration.batches", "8"]  # data-aware inits read 8 training batches
 
 
@@ -88,7 +96,7 @@ def methods(task: Task) -> dict[str, tuple[dict, list[float], list[str]]]:
         "dora": (lora(use_dora=True), LORA_GRID, []),
         "loraplus": ({**lora(), "name": "loraplus", "loraplus_lr_ratio": 16}, LORA_GRID, []),
         "lora_fa": ({**lora(), "name": "lora_fa"}, LORA_GRID, []),
-        "delora": ({"name": "delora", "r": 8, "target_modules": t}, LORA_GRID, []),
+        "delora": ({"name": "delora", "r": 8, "target_modules": t}, DELORA_GRID, []),
         "vera": ({"name": "vera", "r": 256, "save_projection": False, "target_modules": t}, VECTOR_GRID, []),
         "vblora": ({"name": "vblora", "r": 8, "vector_length": task.vector_length, "save_only_topk_weights": True,
                     "target_modules": t}, VECTOR_GRID, []),
@@ -126,12 +134,24 @@ def adapter_sizes(adapter_dir: Path) -> dict:
     return {"file_bytes": file.stat().st_size, "head_params": head}
 
 
+def point_of(entry) -> dict:
+    """A grid entry as a point: {"lr": x} for a bare learning rate, else the dict itself."""
+    return dict(entry) if isinstance(entry, dict) else {"lr": entry}
+
+
+def _fields(point: dict) -> dict:
+    return {k: v for k, v in point.items() if k != "lr"}
+
+
 def train_one(task: Task, table: dict, job: tuple, work: Path, budget: list[str]) -> dict:
-    """One `unipeft train` child: the method's section at `lr` and `seed`; its measurements."""
-    name, lr, seed = job
+    """One `unipeft train` child: the method's section with the point's fields, at its lr and `seed`."""
+    name, key, seed = job
+    point = json.loads(key)
+    lr = point["lr"]
     section, _, extra = table[name]
-    out = work / f"{name}-lr{lr:g}-s{seed}"
-    cmd = [sys.executable, "-m", "unipeft", "train", str(task.config), "--method", json.dumps(section),
+    out = work / f"{name}-{label(point).replace(' ', '-')}-s{seed}"
+    cmd = [sys.executable, "-m", "unipeft", "train", str(task.config), "--method",
+           json.dumps({**section, **_fields(point)}),
            "--optimizer.lr", repr(lr), "--seed", str(seed), "--threads", "1", "--log_every", "5",
            "--output_dir", str(out), "--overwrite", "--quiet", *extra, *budget]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -158,16 +178,23 @@ def train_one(task: Task, table: dict, job: tuple, work: Path, budget: list[str]
 
 
 def _key(task: Task, table: dict, job: tuple, budget: list[str]) -> str:
-    """What decides a run's result: config, method section, lr, seed and budget (the cache key)."""
-    name, lr, seed = job
-    return json.dumps([str(task.config.relative_to(ROOT)), name, table[name][0], table[name][2], lr, seed, budget])
+    """What decides a run's result: config, method section (with the point's fields), lr, seed and budget (the
+    cache key; a bare-lr point keys exactly as the section alone did)."""
+    name, key, seed = job
+    point = json.loads(key)
+    section = {**table[name][0], **_fields(point)}
+    return json.dumps([str(task.config.relative_to(ROOT)), name, section, table[name][2], point["lr"], seed, budget])
+
+
+def _job(name: str, point: dict, seed: int) -> tuple:
+    return name, json.dumps(point, sort_keys=True), seed
 
 
 def run_all(task: Task, table: dict, names: list[str], seeds: int, workers: int, budget: list[str],
-            cache: Path | None = None, log=print) -> list[dict]:
-    """The lr grid (seed 0) of every method, then seeds 1.. at each method's chosen lr. Finished runs are
-    appended to `cache` (JSON lines) and reused by a later call with the same key, so a long sweep can stop
-    and continue."""
+            cache: Path | None = None, log=print, extend: int = 2, counts: dict | None = None) -> list[dict]:
+    """The grid (seed 0) of every method, widened at a chosen edge up to `extend` times, then seeds 1.. at
+    each method's chosen point. Finished runs are appended to `cache` (JSON lines) and reused by a later call
+    with the same key, so a long sweep can stop and continue. `counts` gets the numbers trained and reused."""
     done: dict[str, dict] = {}
     if cache is not None and cache.exists():
         done = {r["key"]: r["row"] for r in _read_jsonl(cache)}
@@ -177,36 +204,58 @@ def run_all(task: Task, table: dict, names: list[str], seeds: int, workers: int,
 
         def one(job):
             key = _key(task, table, job, budget)
-            if key in done:
-                return done[key], True
-            return train_one(task, table, job, work, budget), False
+            reused = key in done
+            row = dict(done[key]) if reused else train_one(task, table, job, work, budget)
+            return {**row, "point": json.loads(job[1]), "setting": label(json.loads(job[1]))}, key, reused
 
         def launch(jobs):
-            for row, reused in pool.map(one, jobs):
+            for row, key, reused in pool.map(one, jobs):
                 rows.append(row)
+                if counts is not None:
+                    counts["reused" if reused else "trained"] = counts.get("reused" if reused else "trained", 0) + 1
                 if cache is not None and not reused and "error" not in row:
                     with cache.open("a") as f:
-                        f.write(json.dumps({"key": _key(task, table, (row["method"], row["lr"], row["seed"]), budget),
-                                            "row": row}) + "\n")
+                        f.write(json.dumps({"key": key, "row": row}) + "\n")
                 shown = row.get("error") or f"valid {row['valid_accuracy']:.3f} test {row['test_accuracy']:.3f}"
-                log(f"{row['method']} lr={row['lr']:g} seed={row['seed']}{' (cached)' if reused else ''}: {shown}")
+                log(f"{row['method']} {row['setting']} seed={row['seed']}{' (cached)' if reused else ''}: {shown}")
 
-        launch([(n, lr, 0) for n in names for lr in table[n][1]])
-        chosen = choose_lr(rows)
-        launch([(n, chosen[n], s) for n in names if n in chosen for s in range(1, seeds)])
+        launch([_job(n, point_of(e), 0) for n in names for e in table[n][1]])
+        for _ in range(extend):
+            wider = edge_points(rows)
+            if not wider:
+                break
+            launch([_job(n, p, 0) for n, p in wider])
+        chosen = choose(rows)
+        launch([_job(n, chosen[n], s) for n in names if n in chosen for s in range(1, seeds)])
     return rows
 
 
-def choose_lr(rows: list[dict]) -> dict[str, float]:
-    """Per method: the seed-0 lr with the best validation score (ties: the smaller lr)."""
-    best: dict[str, tuple[float, float]] = {}
+def choose(rows: list[dict]) -> dict[str, dict]:
+    """Per method: the seed-0 point with the best validation score (ties: the smaller lr)."""
+    best: dict[str, tuple] = {}
     for r in rows:
         if r["seed"] != 0 or "error" in r:
             continue
-        key = (r["valid_accuracy"], -r["lr"])
-        if r["method"] not in best or key > best[r["method"]]:
-            best[r["method"]] = key
-    return {m: -k[1] for m, k in best.items()}
+        point = r.get("point") or {"lr": r["lr"]}
+        key = (r["valid_accuracy"], -point["lr"])
+        if r["method"] not in best or key > best[r["method"]][0]:
+            best[r["method"]] = (key, point)
+    return {m: p for m, (_, p) in best.items()}
+
+
+def edge_points(rows: list[dict]) -> list[tuple[str, dict]]:
+    """For each method whose best seed-0 point has the smallest or largest lr tried with its fields, the next
+    LADDER lr beyond that edge (not yet tried)."""
+    out = []
+    for name, point in choose(rows).items():
+        tried = {r["point"]["lr"] for r in rows if r["method"] == name and r["seed"] == 0 and "point" in r
+                 and _fields(r["point"]) == _fields(point)}
+        lr = point["lr"]
+        rung = min(range(len(LADDER)), key=lambda i: abs(math.log(LADDER[i] / lr)))
+        step = -1 if lr <= min(tried) else 1 if lr >= max(tried) else 0
+        if step and 0 <= rung + step < len(LADDER) and LADDER[rung + step] not in tried:
+            out.append((name, {**point, "lr": LADDER[rung + step]}))
+    return out
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -222,6 +271,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="training children at once (one thread each)")
     parser.add_argument("--eval-every", type=int, default=20, help="steps between validation evaluations")
+    parser.add_argument("--extend-edges", type=int, default=2,
+                        help="times a grid widens by one ladder lr where the best seed-0 point is at its edge")
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--max-per-category", type=int, help="fortunes: entries per topic")
     parser.add_argument("--max-examples", type=int, help="define: words")
@@ -242,10 +293,13 @@ def main(argv: list[str] | None = None) -> Path:
         if getattr(args, flag) is not None:
             budget += [key, str(getattr(args, flag))]
     start = time.perf_counter()
-    rows = run_all(task, table, names, args.seeds, args.workers, budget, args.cache or out.with_suffix(".runs.jsonl"))
-    res = report.summarise(rows, choose_lr(rows), {n: table[n] for n in names})
+    counts = {"trained": 0, "reused": 0}
+    rows = run_all(task, table, names, args.seeds, args.workers, budget, args.cache or out.with_suffix(".runs.jsonl"),
+                   extend=args.extend_edges, counts=counts)
+    res = report.summarise(rows, choose(rows), {n: table[n] for n in names})
     res.update(report.metadata(args, time.perf_counter() - start, task.config.relative_to(ROOT)))
-    res.update({"task": args.task, "metric": task.metric, "budget": budget})
+    res.update({"task": args.task, "metric": task.metric, "budget": budget, "runs_trained": counts["trained"],
+                "runs_reused": counts["reused"]})
     return write_outputs(out, res, report.markdown, report.plot)
 
 

@@ -1,6 +1,6 @@
 """Summary, verdicts, markdown and PNG of benchmarks/lora_family.py's runs (every figure from those runs).
 
-Per method, the runs at its chosen lr (one per seed): the test score (the task's metric: accuracy,
+Per method, the runs at its chosen point (lr, with any method fields; one run per seed): the test score (the task's metric: accuracy,
 or token accuracy for the causal LM; keys `*_accuracy` either way) mean and standard error,
 trainable parameters (with and without the classifier head every run trains), adapter file
 size, step time relative to LoRA (ratio of medians, 90% paired bootstrap band over seeds) and
@@ -48,11 +48,16 @@ def _time_to(row: dict, target: float) -> float | None:
     return None
 
 
-def summarise(rows: list[dict], chosen: dict[str, float], methods: dict) -> dict:
-    """Per-method figures and the published claims' verdicts."""
+def label(point: dict) -> str:
+    """How a grid point is shown and matched: the lr, then any method fields ("0.003 delora_lambda=1")."""
+    return " ".join([f"{point['lr']:g}"] + [f"{k}={v:g}" for k, v in sorted(point.items()) if k != "lr"])
+
+
+def summarise(rows: list[dict], chosen: dict[str, dict], methods: dict) -> dict:
+    """Per-method figures and the published claims' verdicts (`chosen`: method -> grid point)."""
     ok = [r for r in rows if "error" not in r]
-    runs = {m: sorted((r for r in ok if r["method"] == m and r["lr"] == lr), key=lambda r: r["seed"])
-            for m, lr in chosen.items()}
+    runs = {m: sorted((r for r in ok if r["method"] == m and r["setting"] == label(p)), key=lambda r: r["seed"])
+            for m, p in chosen.items()}
     lora = runs["lora"]
     target = statistics.fmean(r["valid_accuracy"] for r in lora)
     per: dict[str, dict] = {}
@@ -65,7 +70,8 @@ def summarise(rows: list[dict], chosen: dict[str, float], methods: dict) -> dict
         ref = [r["step_seconds"] for r in base]
         times = [_time_to(r, target) for r in rs]
         reached = [t for t in times if t is not None]
-        per[m] = {"lr": chosen[m], "seeds": seeds, "test_accuracy": acc, "test_accuracy_se": se,
+        per[m] = {"lr": chosen[m]["lr"], "setting": label(chosen[m]), "seeds": seeds, "test_accuracy": acc,
+                  "test_accuracy_se": se,
                   "valid_accuracy": statistics.fmean(r["valid_accuracy"] for r in rs),
                   "trainable_params": rs[0]["trainable_params"], "adapter_params": rs[0]["adapter_params"],
                   "file_bytes": rs[0]["file_bytes"],
@@ -73,9 +79,9 @@ def summarise(rows: list[dict], chosen: dict[str, float], methods: dict) -> dict
                   "step_time_band": list(bootstrap_band(step, ref)) if step else None,
                   "time_to_lora_valid_s": statistics.median(reached) if reached else None,
                   "reached_lora_valid": f"{len(reached)}/{len(rs)}",
-                  "grid": {str(r["lr"]): r["valid_accuracy"] for r in ok if r["method"] == m and r["seed"] == 0}}
+                  "grid": {r["setting"]: r["valid_accuracy"] for r in ok if r["method"] == m and r["seed"] == 0}}
     return {"methods": per, "lora_valid_target": target, "claims": claims(runs, per),
-            "failed": [{k: r[k] for k in ("method", "lr", "seed", "error")} for r in rows if "error" in r],
+            "failed": [{k: r[k] for k in ("method", "setting", "seed", "error")} for r in rows if "error" in r],
             "runs": rows, "declared": {m: {"method": s, "lr_grid": g, "overrides": e} for m, (s, g, e) in methods.items()}}
 
 
@@ -122,7 +128,7 @@ def metadata(args, seconds: float, config) -> dict:
 
     return {"config": str(config), "seeds": args.seeds, "workers": args.workers, "eval_every": args.eval_every,
             "max_steps": args.max_steps, "max_per_category": args.max_per_category,
-            "max_examples": args.max_examples, "torch_threads_per_run": 1,
+            "max_examples": args.max_examples, "extend_edges": args.extend_edges, "torch_threads_per_run": 1,
             "seconds": round(seconds, 1), "date": time.strftime("%Y-%m-%d %H:%M"), **versions()}
 
 
@@ -133,14 +139,16 @@ def _f(x, fmt="{:.3f}") -> str:
 def markdown(res: dict) -> str:
     """The table and the claims, every number from the JSON."""
     metric = res.get("metric", "accuracy").replace("_", " ")
-    lines = [f"LoRA family on {res['config']} ({res['seeds']} seeds, lr chosen on validation {metric} with seed 0; "
+    lines = [f"LoRA family on {res['config']} ({res['seeds']} seeds, lr (and DeLoRA's lambda) chosen on validation {metric} "
+             f"with seed 0, the lr grid widened at a chosen edge up to {res.get('extend_edges', 0)} times; "
              f"{res['workers']} runs at once, one thread each; overrides {' '.join(res.get('budget', []))}; "
-             f"{res['seconds']:.0f} s)", "",
-             f"| method | lr | test {metric} | trainable | adapter params | file KiB | step time / LoRA [90%] | "
+             f"{res['seconds']:.0f} s for the {res.get('runs_trained', 0)} runs trained in this invocation, "
+             f"{res.get('runs_reused', 0)} more reused from the run cache of earlier ones)", "",
+             f"| method | lr (fields) | test {metric} | trainable | adapter params | file KiB | step time / LoRA [90%] | "
              f"s to LoRA valid {res['lora_valid_target']:.3f} |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m, p in res["methods"].items():
         band = p["step_time_band"]
-        lines.append(f"| {m} | {p['lr']:g} | {p['test_accuracy']:.3f} ± {p['test_accuracy_se']:.3f} | "
+        lines.append(f"| {m} | {p['setting']} | {p['test_accuracy']:.3f} ± {p['test_accuracy_se']:.3f} | "
                      f"{p['trainable_params']:,} | {p['adapter_params']:,} | {p['file_bytes'] / 1024:.0f} | "
                      f"{_f(p['step_time_vs_lora'], '{:.2f}')} [{_f(band and band[0], '{:.2f}')}, "
                      f"{_f(band and band[1], '{:.2f}')}] | {_f(p['time_to_lora_valid_s'], '{:.0f}')} "
@@ -155,7 +163,7 @@ def markdown(res: dict) -> str:
         else:
             lines.append(f"| {name} | {c['what']}: {c['ratio']:.3f} ({c['bytes']:,} vs {c['lora_bytes']:,}) | - |")
     if res["failed"]:
-        lines += ["", "Failed runs: " + "; ".join(f"{f['method']} lr={f['lr']:g} seed={f['seed']}: "
+        lines += ["", "Failed runs: " + "; ".join(f"{f['method']} {f['setting']} seed={f['seed']}: "
                                                   f"{' '.join(f['error'])}" for f in res["failed"])]
     return "\n".join(lines) + "\n"
 
@@ -182,7 +190,7 @@ def plot(res: dict, path) -> None:
     series = {}
     for m in ("lora", "pissa"):
         if m in per:
-            r = next(r for r in runs if r["method"] == m and r["lr"] == per[m]["lr"] and r["seed"] == 0)
+            r = next(r for r in runs if r["method"] == m and r["setting"] == per[m]["setting"] and r["seed"] == 0)
             series[f"{m} (seed 0)"] = ([s for s, _ in r["loss_curve"]], [v for _, v in r["loss_curve"]])
     curves(axes[4], series, title="training loss", ylabel="loss", marker="")
     save(fig, path)

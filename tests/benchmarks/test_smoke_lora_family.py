@@ -9,7 +9,7 @@ from benchmarks import lora_family
 from ._helpers import check_png, load_json
 
 ARGS = ["--methods", "lora,pissa,vera,nola,adalora", "--seeds", "2", "--max-steps", "2",
-        "--max-per-category", "10", "--eval-every", "1"]
+        "--max-per-category", "10", "--eval-every", "1", "--extend-edges", "0"]
 
 
 @pytest.mark.slow
@@ -20,7 +20,7 @@ def test_lora_family_writes_results_and_reuses_finished_runs(tmp_path):
     assert set(res["methods"]) == {"lora", "pissa", "vera", "nola", "adalora"} and not res["failed"]
     grid = {m: lora_family.METHODS[m][1] for m in res["methods"]}
     for m, row in res["methods"].items():
-        assert row["lr"] in grid[m] and set(row["grid"]) == {str(lr) for lr in grid[m]}
+        assert row["lr"] in grid[m] and set(row["grid"]) == {f"{lr:g}" for lr in grid[m]}
         assert row["seeds"] == [0, 1] and 0 <= row["test_accuracy"] <= 1
     runs = res["runs"]
     assert len(runs) == sum(len(g) for g in grid.values()) + len(grid)  # the grid at seed 0, one more seed each
