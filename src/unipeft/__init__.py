@@ -8,13 +8,15 @@ from .core import (AdaptedModel, AdapterConfig, AdapterLoadError, Bank, Capabili
                    TargetError, UnipeftError, adapt, capability_table, get_method, public_methods, register,
                    trainable_report)
 from .core.calibration import BASE_HOLDS_RESIDUAL, calibration_data
+from .core.compose import Average, BatchSplit, Block, Parallel, Split, Stack
 from .core.hooks import TrainContext, TrainerCallback, TrainingHooks
 from .core.registry import public_names as _public_names
 from .kg import calibrator as _calibrator  # noqa: F401  (registers CQD^A, whose base layer is kg's)
 
 __version__ = "0.1.0"
 
-__all__ = ["BASE_HOLDS_RESIDUAL", "calibration_data", "AdaptedModel", "AdapterConfig", "AdapterLoadError", "Bank", "Capabilities", "ConfigError", "Delta",
+__all__ = ["BASE_HOLDS_RESIDUAL", "calibration_data", "Average", "BatchSplit", "Block", "Parallel", "Split", "Stack",
+           "AdaptedModel", "AdapterConfig", "AdapterLoadError", "Bank", "Capabilities", "ConfigError", "Delta",
            "MergeError", "TargetError", "TrainContext", "TrainerCallback", "TrainingHooks", "UnipeftError", "adapt", "capability_table", "get_method",
            "public_methods", "register", "trainable_report"]
 

@@ -80,6 +80,9 @@ def refuse_tied(model, sites: list, names: list[str]) -> None:
 
 def merge(model, adapter_names: list[str] | None, safe_merge: bool) -> list[RequantizationError]:
     """AdaptedModel.merge: check everything, then merge site by site; on a failed write undo this call."""
+    if model._ctx.composition is not None:
+        raise MergeError(f"the active {type(model._ctx.composition).__name__} block composes adapters per "
+                         f"site, rows or tokens, which one merged weight cannot hold; set_adapter(names) first")
     names = model.active_adapters if adapter_names is None else list(adapter_names)
     for n in names:
         model._check_name(n)

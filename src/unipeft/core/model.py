@@ -12,11 +12,10 @@ from .config import AdapterConfig
 from .delta import Delta
 from .errors import ConfigError, MergeError
 from .injection import plan_injection
-from . import edits, layers, merging, state
+from . import compose, edits, layers, merging, state
 from .merging import RequantizationError
-from .registry import method_for_config
 from .report import trainable_report
-from .site import BASE_NAME, AdaptedSite, ForwardContext, Grouping
+from .site import BASE_NAME, AdaptedSite, ForwardContext
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -145,13 +144,21 @@ class AdaptedModel(nn.Module):
         self.peft_config[adapter_name] = config
         self._ctx.version += 1
 
-    def set_adapter(self, adapter_names: str | list[str]) -> None:
-        """Make these adapters active (applied in this order) and the only trainable parameters."""
+    def set_adapter(self, adapter_names: str | list[str] | compose.Block) -> None:
+        """Make these adapters active (applied in this order) and the only trainable parameters; or the
+        adapters of a composition block (compose.py: Stack, Split, Average, Parallel, BatchSplit)."""
+        block = None
+        if isinstance(adapter_names, compose.Block):
+            compose.check(self, adapter_names)
+            stack = isinstance(adapter_names, compose.Stack)
+            block, adapter_names = (None if stack else adapter_names), list(adapter_names.children if stack
+                                                                              else adapter_names.leaves())
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for n in names:
             self._check_name(n)
         edits.sync_sites(self._sites.values(), names)  # base-weight edits follow the active set
         self._ctx.active[:] = names
+        self._ctx.composition = block
         self._ctx.version += 1
         for site in self.sites():
             for n, delta in site.deltas.items():
@@ -303,12 +310,19 @@ class AdaptedModel(nn.Module):
         return names
 
     def _forward(self, args: tuple, kwargs: dict, adapter_names: list[str] | None):
+        block = self._ctx.composition
+        if block is not None and not self._ctx.disabled:
+            if adapter_names is not None:
+                raise ConfigError(f"adapter_names cannot be combined with the active {type(block).__name__} "
+                                  f"block; BatchSplit gives rows to adapters within a block")
+            if isinstance(block, compose.ROW_BLOCKS):
+                return compose.forward_rows(self, block, args, kwargs)
         if adapter_names is None:
             hooks = self._input_deltas()
             if not hooks:
                 return self.base_model(*args, **kwargs)
             return self._forward_with_inputs(hooks, args, kwargs)
-        self._ctx.grouping = self._grouping(adapter_names)
+        self._ctx.grouping = compose.grouping(self, adapter_names)
         try:
             return self.base_model(*args, **kwargs)
         finally:
@@ -341,19 +355,6 @@ class AdaptedModel(nn.Module):
             if post is not None:
                 out = post(out)
         return out
-
-    def _grouping(self, adapter_names: list[str]) -> Grouping:
-        if self.merged_adapters:
-            raise MergeError("adapter_names cannot be used while adapters are merged; unmerge() first")
-        for n in set(adapter_names):
-            if n == BASE_NAME:
-                continue
-            self._check_name(n)
-            spec = method_for_config(self.peft_config[n])
-            if not spec.capabilities.mixed_batch:
-                raise ConfigError(f"adapter '{n}' uses {spec.name}, which does not support mixed batches")
-            edits.refuse_mixed(self._sites.values(), n)
-        return Grouping.build(list(adapter_names))
 
     # ---- PEFT-familiar reporting -------------------------------------------------------------
     def generate(self, *args, **kwargs):

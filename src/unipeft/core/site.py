@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from . import layers
+from . import compose, layers
 from .delta import Delta
 from .edits import BaseEdits
 from .errors import MergeError
@@ -58,6 +58,8 @@ class ForwardContext:
     inputs: dict = field(default_factory=dict)  # this call's declared per-call inputs (e.g. task_ids)
     scratch: dict = field(default_factory=dict)  # per-model caches of methods (e.g. LoRA's input groups)
     calls: int = 0  # top-level model calls so far (a checkpointed layer's recomputation is not one)
+    composition: object | None = None  # the active composition block (compose.py), None for a plain set
+    rows: object | None = None  # this call's row ranges under a Parallel/BatchSplit block
 
 
 def run_with_params(module: nn.Module, params: dict[str, torch.Tensor], x, *args, **kwargs):
@@ -100,6 +102,8 @@ class AdaptedSite(nn.Module):
         ctx = self._ctx
         if ctx.disabled or not self.deltas:
             return self.base_layer(x, *args, **kwargs)
+        if ctx.composition is not None:
+            return compose.site_forward(self, ctx.composition, ctx.rows, x, *args, **kwargs)
         if ctx.grouping is not None:
             return self._forward_mixed(ctx.grouping, x, *args, **kwargs)
         if torch.compiler.is_compiling():
