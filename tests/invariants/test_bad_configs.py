@@ -64,7 +64,7 @@ def test_add_adapter_failure_leaves_adapted_model_unchanged(case):
     types, out = module_types(adapted), run(adapted, batch)
     targets = list(candidate_targets(case, kind))
     # The supported targets plus one unsupported module: nothing may be injected.
-    extra = "act" if kind in ("mlp", "conv", "embgpt") else "dropout"
+    extra = {"mlp": "act", "conv": "act", "embgpt": "act", "llama": "act_fn"}.get(kind, "dropout")
     assert extra in {p.rsplit(".", 1)[-1] for p, _ in model.named_modules()}
     bad = make_config(case, kind).replace(target_modules=[*targets, extra], modules_to_save=None)
     with pytest.raises(up.TargetError):
