@@ -16,6 +16,8 @@ NON_DEFAULT = {
     "lora": {"r": 3, "alpha": 5.0, "dropout": 0.125, "use_rslora": True, "init": "gaussian",
              "rank_pattern": {"fc1": 4}, "alpha_pattern": {"fc2": 7.0}},
     "ia3": {"feedforward_modules": ["fc2"], "init_ia3_weights": False},
+    "cpt": {"task_type": "CAUSAL_LM"},  # PEFT refuses CPT for any other task
+    "adaption_prompt": {"target_modules": None},  # PEFT's target_modules there name the attention modules
 }
 
 
