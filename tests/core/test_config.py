@@ -18,6 +18,7 @@ NON_DEFAULT = {
     "ia3": {"feedforward_modules": ["fc2"], "init_ia3_weights": False},
     "cpt": {"task_type": "CAUSAL_LM"},  # PEFT refuses CPT for any other task
     "adaption_prompt": {"target_modules": None},  # PEFT's target_modules there name the attention modules
+    "xlora": {"adapters": {"0": "experts/0", "1": "experts/1"}, "hidden_size": 8},  # folders are read at adapt
 }
 
 

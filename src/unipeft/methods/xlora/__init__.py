@@ -30,5 +30,4 @@ def latest_scalings(model, adapter_name: str = "default"):
 
 
 register("xlora", XLoraConfig, XLoraDelta,
-         Capabilities(mergeable=False, mixed_batch=False, layer_types=layers.MATRIX_LAYERS, peft_compatible=True),
-         internal=True)
+         Capabilities(mergeable=False, mixed_batch=False, layer_types=layers.MATRIX_LAYERS, peft_compatible=True))
