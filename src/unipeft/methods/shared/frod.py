@@ -208,11 +208,17 @@ class FrodDelta(Delta):
         self.lambda_0 = norms.to(device=device, dtype=dtype)
 
     def _mix(self, z: torch.Tensor) -> torch.Tensor:
-        """z (S + diag(lambda - lambda_0))^T for rows z in the basis V."""
+        """z (S + diag(lambda - lambda_0))^T for rows z in the basis V. S is a sparse (in, in) matrix whose
+        entries are the trained values: one sparse-dense product, never a (rows, nnz) gather of z."""
         index = self.bank.tensors(self.category)[1]
-        rows, cols = index[0].to(z.device), index[1].to(z.device)
-        sparse = torch.zeros_like(z).index_add_(-1, rows, z[..., cols] * self.frod_lambda_s_values.to(z.dtype))
-        return sparse + z * (self.frod_lambda_l - self.lambda_0).to(z.dtype)
+        diag = z * (self.frod_lambda_l - self.lambda_0).to(z.dtype)
+        if index.shape[1] == 0:
+            return diag
+        n = z.shape[-1]
+        s = torch.sparse_coo_tensor(index.to(z.device, torch.long), self.frod_lambda_s_values.to(z.dtype), (n, n),
+                                    check_invariants=False)  # indices drawn here: in range, no duplicates
+        flat = z.reshape(-1, n)
+        return torch.sparse.mm(s.coalesce(), flat.T).T.reshape(z.shape) + diag
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         v = self.bank.tensors(self.category)[0]
