@@ -353,7 +353,8 @@ def test_unipelt_default_roles_on_bert_and_round_trip(tmp_path):
 
 
 def test_unipelt_with_ungated_prefix_as_second_active_adapter():
-    """The third UniPELT part today: unipeft's (ungated) prefix tuning as a second active adapter."""
+    """unipeft's (ungated) prefix tuning as a second active adapter beside UniPELT (UniPELT's own gated prefix,
+    `prefix_length`, is tested in test_unipelt_prefix.py)."""
     model = up.adapt(bert(), up.UniPELTConfig(r=2, reduction_factor=4))
     randomise(model, std=0.3)
     batch = {"input_ids": ids(), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
