@@ -161,3 +161,17 @@ def test_safetensors_wins_and_other_files_are_ignored(legacy_lora, tmp_path):
     (both / LEGACY_WEIGHTS_NAME).unlink()
     with pytest.raises(FileNotFoundError, match=rf"no {WEIGHTS_NAME} \(or legacy {LEGACY_WEIGHTS_NAME}\)"):
         up.AdaptedModel.from_pretrained(build("bert"), both)
+
+
+def test_import_of_a_legacy_folder_writes_safetensors_with_the_same_tensors(legacy_lora, tmp_path):
+    from safetensors.torch import load_file
+
+    from unipeft.interop.peft import import_from_peft
+
+    folder, _ = legacy_lora
+    out = import_from_peft(folder, tmp_path / "imported")
+    written = load_file(str(out / WEIGHTS_NAME))
+    original = torch.load(folder / LEGACY_WEIGHTS_NAME, weights_only=True)
+    assert written.keys() == original.keys() and not (out / LEGACY_WEIGHTS_NAME).exists()
+    for key, tensor in original.items():
+        assert torch.equal(written[key], tensor), key

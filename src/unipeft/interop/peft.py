@@ -5,6 +5,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from safetensors.torch import save_file
+
 from ..core.config import CONFIG_NAME, AdapterConfig
 from ..core.errors import AdapterLoadError, ConfigError
 from ..core.registry import get_method, method_for_config, public_methods
@@ -55,9 +57,12 @@ def _copy_checked(src: str | Path, dst: str | Path) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
-        config, _ = read_adapter(src)
+        config, tensors = read_adapter(src)
         config.save(tmp)  # re-serialised: normalised keys, PEFT names, inert fields dropped
-        shutil.copyfile(src / WEIGHTS_NAME, tmp / WEIGHTS_NAME)
+        if (src / WEIGHTS_NAME).exists():
+            shutil.copyfile(src / WEIGHTS_NAME, tmp / WEIGHTS_NAME)
+        else:  # an older folder's adapter_model.bin (read with weights_only) is written as safetensors
+            save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         dst.mkdir(parents=True, exist_ok=True)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             (tmp / name).replace(dst / name)
