@@ -8,14 +8,13 @@ import peft
 import pytest
 import torch
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file
 
 import unipeft as up
 from unipeft import compat
 from unipeft.core.state import adapter_state_dict
 
-from ._models import build, inputs, output
-from ._parity import TOL, assert_same_merge, peft_load_report, train_steps
+from ._models import build
+from ._parity import assert_our_folder_loads_in_peft, assert_peft_folder_loads_alike, assert_same_merge
 
 QV = ["query", "value", "intermediate.dense"]
 
@@ -46,10 +45,6 @@ def _method(case: str) -> str:
     return case.split("-")[0]
 
 
-def _train(model, kind: str, seed: int):
-    return train_steps(model, lambda m, s: output(m, inputs(kind, seed=s)), seed)
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_config_round_trips_through_peft_dict_and_compat_factory(case):
     _, make = CASES[case]
@@ -69,15 +64,7 @@ def test_config_round_trips_through_peft_dict_and_compat_factory(case):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_trained_folder_loads_with_identical_outputs_and_merge(case, tmp_path):
     kind, make = CASES[case]
-    torch.manual_seed(0)
-    pm = _train(peft.get_peft_model(build(kind), make()), kind, seed=10)
-    pm.save_pretrained(tmp_path)
-    ours = up.AdaptedModel.from_pretrained(build(kind), tmp_path)
-    batch = inputs(kind, seed=99)
-    with torch.no_grad():
-        expected = output(pm, batch)
-        assert (expected - output(build(kind), batch)).abs().max() > 1e-5, "the adapter does nothing"
-        torch.testing.assert_close(output(ours, batch), expected, **TOL)
+    pm, ours = assert_peft_folder_loads_alike(kind, make, tmp_path)
     if _method(case) in MERGEABLE:
         assert_same_merge(pm, ours)
 
@@ -85,25 +72,7 @@ def test_peft_trained_folder_loads_with_identical_outputs_and_merge(case, tmp_pa
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_our_folder_loads_in_peft_with_no_missing_or_unexpected_keys(case, tmp_path):
     kind, make = CASES[case]
-    config = up.AdapterConfig.from_dict(make().to_dict())  # PEFT's own dict -> our config
-    torch.manual_seed(1)
-    ours = _train(up.adapt(build(kind), config), kind, seed=20)
-    ours.save_pretrained(tmp_path / "ours")
-    peft.get_peft_model(build(kind), make()).save_pretrained(tmp_path / "peft")
-    _, _, _, missing_own = peft_load_report(build(kind), tmp_path / "peft")
-
-    pm, noisy, unexpected, missing = peft_load_report(build(kind), tmp_path / "ours")
-    assert not noisy, noisy
-    assert not unexpected
-    assert missing == missing_own
-    ours_keys = set(load_file(str(tmp_path / "ours" / "adapter_model.safetensors")))
-    peft_keys = set(load_file(str(tmp_path / "peft" / "adapter_model.safetensors")))
-    assert ours_keys == peft_keys
-    batch = inputs(kind, seed=98)
-    with torch.no_grad():
-        expected = output(ours, batch)
-        assert (expected - output(build(kind), batch)).abs().max() > 1e-5, "the adapter does nothing"
-        torch.testing.assert_close(output(pm, batch), expected, **TOL)
+    assert_our_folder_loads_in_peft(kind, make, tmp_path)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

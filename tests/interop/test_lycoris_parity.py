@@ -14,7 +14,7 @@ import unipeft as up
 from unipeft.methods.lycoris import factorization
 
 from ._models import build, inputs, output
-from ._parity import TOL, assert_same_merge, output_loss, peft_load_report, train_steps
+from ._parity import assert_outputs_match, assert_same_merge, ours_trained, output_loss, peft_load_report, train_on
 
 BERT = ["query", "value", "intermediate.dense", "classifier"]
 # Rank dropout renormalises by the kept share of output rows: PEFT gives NaN when every row of a narrow layer
@@ -56,7 +56,7 @@ def _loss(model, kind: str, seed: int) -> torch.Tensor:
 
 def _train(model, kind: str, seed: int):
     """A few AdamW steps in training mode (rank and module dropout active), so no factor stays at its init."""
-    return train_steps(model, lambda m, s: output(m, inputs(kind, seed=s)), seed, train_mode=True)
+    return train_on(model, kind, seed, train_mode=True)
 
 
 def _peft_grads(pm) -> dict[str, torch.Tensor]:
@@ -78,11 +78,7 @@ def test_peft_trained_folder_loads_with_identical_outputs_grads_and_merge(case, 
     pm.save_pretrained(tmp_path, save_embedding_layers=False)
     ours = up.AdaptedModel.from_pretrained(build(kind), tmp_path, is_trainable=True).eval()
     assert type(ours.peft_config["default"]).method == ("loha" if "loha" in case else "lokr")
-    batch = inputs(kind, seed=99)
-    with torch.no_grad():
-        expected = output(pm, batch)
-        assert (expected - output(build(kind), batch)).abs().max() > 1e-4, "the adapter does nothing"
-        torch.testing.assert_close(output(ours, batch), expected, **TOL)
+    assert_outputs_match(pm, ours, kind, 99, moved=1e-4)
 
     for model in (pm, ours):
         model.zero_grad()
@@ -108,19 +104,12 @@ def test_peft_trained_folder_loads_with_identical_outputs_grads_and_merge(case, 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_our_trained_folder_loads_in_peft_with_no_missing_or_unexpected_keys(case, tmp_path):
     kind, make = CASES[case]
-    config = up.AdapterConfig.from_dict(make().to_dict())  # PEFT's own dict -> our config
-    torch.manual_seed(1)
-    ours = _train(up.adapt(build(kind), config), kind, seed=20)
-    ours.save_pretrained(tmp_path)
+    ours = ours_trained(kind, make, tmp_path, train_mode=True)
     pm, noisy, unexpected, missing = peft_load_report(build(kind), tmp_path)
     assert not noisy, noisy
     assert not unexpected
     assert not [k for k in missing if any(s in k for s in ADAPTER_KEYS)]
-    batch = inputs(kind, seed=98)
-    with torch.no_grad():
-        ours_out = output(ours, batch)
-        assert (ours_out - output(build(kind), batch)).abs().max() > 1e-4, "the adapter does nothing"
-        torch.testing.assert_close(output(pm, batch), ours_out, **TOL)
+    assert_outputs_match(ours, pm, kind, 98, moved=1e-4)
 
 
 @pytest.mark.parametrize("case", ["conv-loha-effective", "conv-lokr-effective", "llama-lokr-lycoris-init",

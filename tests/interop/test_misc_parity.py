@@ -10,14 +10,13 @@ import peft
 import pytest
 import torch
 from peft.tuners.adamss.layer import AdamssLayer
-from safetensors.torch import load_file
-from torch import nn
 
 import unipeft as up
 from unipeft.core.hooks import TrainContext
 
 from ._models import build, inputs, output
-from ._parity import TOL, assert_same_merge, output_loss, peft_load_report, train_steps
+from ._parity import (TOL, assert_config_round_trips, assert_our_folder_loads_in_peft, assert_outputs_match,
+                      assert_same_merge, fresh_pair, output_loss, peft_layers, peft_trained)
 
 QV = ["query", "value", "intermediate.dense"]  # 32x32, 32x32 and 32 -> 40 in the tiny BERT (with biases)
 LLAMA = ["q_proj", "k_proj", "down_proj"]      # no biases in the tiny Llama
@@ -58,22 +57,11 @@ NOT_MERGEABLE = {"beft-llama-no-bias": (ValueError, "no bias"), "shadow-llama": 
                  "shadow-gpt2-narrow-backbone": (NotImplementedError, "merged")}
 
 
-def _train(model, kind: str, seed: int):
-    return train_steps(model, lambda m, s: output(m, inputs(kind, seed=s)), seed)
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_trained_folder_loads_with_identical_outputs_and_merge(case, tmp_path):
     kind, make = CASES[case]
-    torch.manual_seed(0)
-    pm = _train(peft.get_peft_model(build(kind), make()), kind, seed=10)
-    pm.save_pretrained(tmp_path)
-    ours = up.AdaptedModel.from_pretrained(build(kind), tmp_path)
-    batch = inputs(kind, seed=99)
-    with torch.no_grad():
-        expected = output(pm, batch)
-        assert (expected - output(build(kind), batch)).abs().max() > 1e-5, "the adapter does nothing"
-        torch.testing.assert_close(output(ours, batch), expected, **TOL)
+    pm, ours = peft_trained(kind, make, tmp_path)
+    expected = assert_outputs_match(pm, ours, kind, 99)
     if case in NOT_MERGEABLE:
         error, words = NOT_MERGEABLE[case]
         with pytest.raises(error, match=words):
@@ -82,7 +70,7 @@ def test_peft_trained_folder_loads_with_identical_outputs_and_merge(case, tmp_pa
             ours.merge()
         assert ours.merged_adapters == []
         with torch.no_grad():
-            torch.testing.assert_close(output(ours, batch), expected, **TOL)
+            torch.testing.assert_close(output(ours, inputs(kind, seed=99)), expected, **TOL)
         return
     assert_same_merge(pm, ours)
 
@@ -90,39 +78,13 @@ def test_peft_trained_folder_loads_with_identical_outputs_and_merge(case, tmp_pa
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_our_folder_loads_in_peft_with_no_missing_or_unexpected_keys(case, tmp_path):
     kind, make = CASES[case]
-    config = up.AdapterConfig.from_dict(make().to_dict())  # PEFT's own dict -> our config
-    torch.manual_seed(1)
-    ours = _train(up.adapt(build(kind), config), kind, seed=20)
-    ours.save_pretrained(tmp_path / "ours")
-    peft.get_peft_model(build(kind), make()).save_pretrained(tmp_path / "peft")
-    _, _, _, missing_own = peft_load_report(build(kind), tmp_path / "peft")
-
-    pm, noisy, unexpected, missing = peft_load_report(build(kind), tmp_path / "ours")
-    assert not noisy, noisy
-    assert not unexpected
-    assert missing == missing_own
-    ours_file = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
-    peft_file = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
-    assert set(ours_file) == set(peft_file)
-    for key, tensor in peft_file.items():
-        assert ours_file[key].shape == tensor.shape and ours_file[key].dtype == tensor.dtype, key
-    batch = inputs(kind, seed=98)
-    with torch.no_grad():
-        expected = output(ours, batch)
-        assert (expected - output(build(kind), batch)).abs().max() > 1e-5, "the adapter does nothing"
-        torch.testing.assert_close(output(pm, batch), expected, **TOL)
+    assert_our_folder_loads_in_peft(kind, make, tmp_path, shapes=True)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_config_round_trips_through_peft_json(case, tmp_path):
     """Our adapter_config.json loads as PEFT's config class with the same values, and back."""
-    kind, make = CASES[case]
-    ours = up.AdapterConfig.from_dict(make().to_dict())
-    ours.save(tmp_path)
-    theirs = peft.PeftConfig.from_pretrained(str(tmp_path))
-    assert type(theirs).__name__ == type(ours).peft_class
-    back = up.AdapterConfig.from_dict(theirs.to_dict())
-    assert back.to_dict() == ours.to_dict()
+    assert_config_round_trips(CASES[case][1], tmp_path)
 
 
 def test_glora_fresh_adapter_is_identity_and_random_init_is_not():
@@ -136,19 +98,12 @@ def test_glora_fresh_adapter_is_identity_and_random_init_is_not():
     assert (moved - base).abs().max() > 1e-4
 
 
-def _peft_layers(pm) -> dict[str, nn.Module]:
-    """{module path: PEFT's AdaMSS layer}."""
-    prefix = "base_model.model."
-    return {n[len(prefix):]: m for n, m in pm.named_modules() if isinstance(m, AdamssLayer)}
-
-
 @pytest.mark.parametrize("case", ["adamss", "adamss-dynamic-rank-seed", "adamss-llama-no-bias-random"])
 def test_adamss_subspaces_equal_peft_clustering(case):
     """The seeded SVD, the K-means clustering of output rows and the per-subspace ranks are PEFT's."""
-    kind, make = CASES[case]
-    theirs = _peft_layers(peft.get_peft_model(build(kind), make()))
-    ours = {s.path: s.deltas["default"] for s in up.adapt(build(kind), up.AdapterConfig.from_dict(
-        make().to_dict())).sites()}
+    pm, adapted = fresh_pair(*CASES[case])
+    theirs = peft_layers(pm, AdamssLayer)
+    ours = {s.path: s.deltas["default"] for s in adapted.sites()}
     assert theirs.keys() == ours.keys() and ours
     for path, layer in theirs.items():
         delta = ours[path]
@@ -171,7 +126,7 @@ def test_adamss_asa_freezes_the_subspaces_peft_freezes(tmp_path):
     pm.save_pretrained(tmp_path)
     ours = up.AdaptedModel.from_pretrained(build("bert"), tmp_path, is_trainable=True)
     (callback,) = ours.peft_config["default"].training_callbacks(ours, "default")
-    layers_ = _peft_layers(pm)
+    layers_ = peft_layers(pm, AdamssLayer)
     deltas = {s.path: s.deltas["default"] for s in ours.sites()}
     frozen_seen = 0
     for step in range(7):
@@ -194,10 +149,7 @@ def test_adamss_asa_freezes_the_subspaces_peft_freezes(tmp_path):
 def _shadow_pair(case, tmp_path):
     """PEFT's model after a few steps and ours loaded from its folder."""
     kind, make = CASES[case]
-    torch.manual_seed(0)
-    pm = _train(peft.get_peft_model(build(kind), make()), kind, seed=10)
-    pm.save_pretrained(tmp_path)
-    return kind, pm, up.AdaptedModel.from_pretrained(build(kind), tmp_path)
+    return (kind, *peft_trained(kind, make, tmp_path))
 
 
 @pytest.mark.parametrize("case", ["shadow-llama", "shadow-gpt2-narrow-backbone"])

@@ -9,13 +9,13 @@ import peft
 import peft.tuners.boft.layer as boft_layer
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 import unipeft as up
 
-from ._models import build, inputs, output
-from ._parity import TOL, assert_same_merge, peft_load_report, train_steps
+from ._models import build, inputs
+from ._parity import (assert_our_folder_loads_in_peft, assert_outputs_match, assert_same_merge, ours_trained,
+                      peft_loads_ours, peft_trained)
 
 QV = ["query", "value", "intermediate.dense"]  # all read 32 features in the tiny BERT
 
@@ -84,41 +84,12 @@ def _no_cuda_build(monkeypatch):
     monkeypatch.setattr(boft_layer, "_FBD_CUDA", False)
 
 
-def _train(model, kind: str, seed: int):
-    return train_steps(model, lambda m, s: output(m, _inputs(kind, s)), seed)
-
-
-def _peft_load_report(kind: str, folder):
-    return peft_load_report(_build(kind), folder)
-
-
-def _peft_loads_ours_and_matches(kind, make, folder, tmp_path):
-    peft.get_peft_model(_build(kind), make()).save_pretrained(tmp_path / "peft")
-    _, _, _, missing_own = _peft_load_report(kind, tmp_path / "peft")
-    pm, noisy, unexpected, missing = _peft_load_report(kind, folder)
-    assert not noisy, noisy
-    assert not unexpected
-    assert missing == missing_own
-    ours_keys = set(load_file(str(folder / "adapter_model.safetensors")))
-    assert ours_keys == set(load_file(str(tmp_path / "peft" / "adapter_model.safetensors")))
-    return pm
-
-
 def _peft_trained_folder_matches(kind, make, tmp_path, factor_check=None):
-    torch.manual_seed(0)
-    pm = _train(peft.get_peft_model(_build(kind), make()), kind, seed=10)
-    pm.save_pretrained(tmp_path)
-    ours = up.AdaptedModel.from_pretrained(_build(kind), tmp_path)
+    pm, ours = peft_trained(kind, make, tmp_path, base=_build, batch=_inputs)
     if factor_check is not None:
         factor_check(ours)
-    batch = _inputs(kind, 99)
-    with torch.no_grad():
-        expected = output(pm, batch)
-        assert (expected - output(_build(kind), batch)).abs().max() > 1e-4, "the adapter does nothing"
-        torch.testing.assert_close(output(ours, batch), expected, **TOL)
-    merged_peft = assert_same_merge(pm, ours)
-    base = _build(kind).state_dict()
-    assert any(not torch.equal(merged_peft[key], base[key]) for key in merged_peft), "merging changed no weight"
+    assert_outputs_match(pm, ours, kind, 99, moved=1e-4, base=_build, batch=_inputs)
+    assert_same_merge(pm, ours, base=_build(kind))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -130,17 +101,8 @@ def test_peft_trained_folder_loads_with_identical_outputs_and_merge(case, tmp_pa
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_our_folder_loads_in_peft_with_no_missing_or_unexpected_keys(case, tmp_path):
     kind, make = CASES[case]
-    config = up.AdapterConfig.from_dict(make().to_dict())  # PEFT's own dict -> our config
-    assert config.peft_type == make().peft_type
-    torch.manual_seed(1)
-    ours = _train(up.adapt(_build(kind), config), kind, seed=20)
-    ours.save_pretrained(tmp_path / "ours")
-    pm = _peft_loads_ours_and_matches(kind, make, tmp_path / "ours", tmp_path)
-    batch = _inputs(kind, 98)
-    with torch.no_grad():
-        expected = output(ours, batch)
-        assert (expected - output(_build(kind), batch)).abs().max() > 1e-4, "the adapter does nothing"
-        torch.testing.assert_close(output(pm, batch), expected, **TOL)
+    assert up.AdapterConfig.from_dict(make().to_dict()).peft_type == make().peft_type
+    assert_our_folder_loads_in_peft(kind, make, tmp_path, moved=1e-4, base=_build, batch=_inputs)
 
 
 def _two_factors(model):
@@ -153,15 +115,10 @@ def test_boft_two_butterfly_factors_match_peft_both_ways(monkeypatch, tmp_path):
     monkeypatch.setattr(boft_layer, "_FBD_CUDA", _BlockDiagKernel())
     make = lambda: peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=QV)  # noqa: E731
     _peft_trained_folder_matches("bert", make, tmp_path / "from_peft", factor_check=_two_factors)
-    config = up.AdapterConfig.from_dict(make().to_dict())
-    torch.manual_seed(1)
-    ours = _train(up.adapt(build("bert"), config), "bert", seed=20)
+    ours = ours_trained("bert", make, tmp_path / "ours")
     _two_factors(ours)
-    ours.save_pretrained(tmp_path / "ours")
-    pm = _peft_loads_ours_and_matches("bert", make, tmp_path / "ours", tmp_path)
-    batch = inputs("bert", seed=98)
-    with torch.no_grad():
-        torch.testing.assert_close(output(pm, batch), output(ours, batch), **TOL)
+    pm = peft_loads_ours("bert", make, tmp_path / "ours", tmp_path / "peft")
+    assert_outputs_match(ours, pm, "bert", 98, moved=None)
 
 
 def test_hra_default_init_equals_peft_init_for_one_seed():

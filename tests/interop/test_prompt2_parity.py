@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import unipeft as up
 
 from ._models import build
-from ._parity import TOL, train_steps
+from ._parity import TOL, perturb, train_steps
 
 N = 4
 
@@ -38,14 +38,6 @@ def _peft_loads(base, folder):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         return peft.PeftModel.from_pretrained(base, folder).eval()
-
-
-def _perturb(model, seed: int = 3, scale: float = 0.3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 # ---- multitask prompt tuning ---------------------------------------------------------------
@@ -77,7 +69,7 @@ def test_mpt_peft_folder_loads_with_identical_outputs(tmp_path):
 def test_mpt_peft_loads_our_folder_with_identical_outputs(tmp_path):
     ours = up.adapt(build("llama"), up.MultitaskPromptTuningConfig(num_virtual_tokens=N, num_tasks=3, num_ranks=2,
                                                                     task_type="CAUSAL_LM"))
-    _perturb(ours)
+    perturb(ours, seed=3, scale=0.3)
     batch = _batch()
     expected = _logits(ours, batch, task_ids=TASKS)
     ours.save_pretrained(tmp_path)
@@ -93,7 +85,7 @@ def test_mpt_peft_loads_our_folder_with_identical_outputs(tmp_path):
 def test_mpt_source_inits_read_a_saved_adapter(tmp_path):
     source = up.adapt(build("llama"), up.MultitaskPromptTuningConfig(num_virtual_tokens=N, num_tasks=3,
                                                                       num_ranks=2))
-    _perturb(source)
+    perturb(source, seed=3, scale=0.3)
     source.save_pretrained(tmp_path)
     file = str(tmp_path / "adapter_model.safetensors")
     tensors = load_file(file)

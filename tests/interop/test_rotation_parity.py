@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import unipeft as up
 
 from ._models import build, inputs, output
-from ._parity import TOL, assert_same_merge, peft_load_report, train_steps
+from ._parity import TOL, assert_our_folder_loads_in_peft, assert_peft_folder_loads_alike, assert_same_merge, train_on
 
 QV = ["query", "value", "intermediate.dense"]
 
@@ -35,48 +35,18 @@ CASES = {
 }
 
 
-def _train(model, kind: str, seed: int):
-    return train_steps(model, lambda m, s: output(m, inputs(kind, seed=s)), seed)
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_trained_folder_loads_with_identical_outputs_and_merge(case, tmp_path):
     kind, make = CASES[case]
-    torch.manual_seed(0)
-    pm = _train(peft.get_peft_model(build(kind), make()), kind, seed=10)
-    pm.save_pretrained(tmp_path)
-    ours = up.AdaptedModel.from_pretrained(build(kind), tmp_path)
-    batch = inputs(kind, seed=99)
-    with torch.no_grad():
-        expected = output(pm, batch)
-        assert (expected - output(build(kind), batch)).abs().max() > 1e-4, "the adapter does nothing"
-        torch.testing.assert_close(output(ours, batch), expected, **TOL)
-    merged_peft = assert_same_merge(pm, ours)
-    base = build(kind).state_dict()
-    assert any(not torch.equal(merged_peft[key], base[key]) for key in merged_peft), "merging changed no weight"
+    pm, ours = assert_peft_folder_loads_alike(kind, make, tmp_path, moved=1e-4)
+    assert_same_merge(pm, ours, base=build(kind))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_our_folder_loads_in_peft_with_no_missing_or_unexpected_keys(case, tmp_path):
     kind, make = CASES[case]
-    config = up.AdapterConfig.from_dict(make().to_dict())  # PEFT's own dict -> our config
-    assert config.peft_type == make().peft_type
-    torch.manual_seed(1)
-    ours = _train(up.adapt(build(kind), config), kind, seed=20)
-    ours.save_pretrained(tmp_path / "ours")
-    peft.get_peft_model(build(kind), make()).save_pretrained(tmp_path / "peft")
-    _, _, _, missing_own = peft_load_report(build(kind), tmp_path / "peft")
-    pm, noisy, unexpected, missing = peft_load_report(build(kind), tmp_path / "ours")
-    assert not noisy, noisy
-    assert not unexpected
-    assert missing == missing_own
-    assert set(load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))) == \
-        set(load_file(str(tmp_path / "peft" / "adapter_model.safetensors")))
-    batch = inputs(kind, seed=98)
-    with torch.no_grad():
-        expected = output(ours, batch)
-        assert (expected - output(build(kind), batch)).abs().max() > 1e-4, "the adapter does nothing"
-        torch.testing.assert_close(output(pm, batch), expected, **TOL)
+    assert up.AdapterConfig.from_dict(make().to_dict()).peft_type == make().peft_type
+    assert_our_folder_loads_in_peft(kind, make, tmp_path, moved=1e-4)
 
 
 def test_road_mixed_batch_matches_peft_adapter_names(tmp_path):
@@ -85,7 +55,7 @@ def test_road_mixed_batch_matches_peft_adapter_names(tmp_path):
     for i, (name, variant) in enumerate((("a", "road_1"), ("b", "road_4"))):
         torch.manual_seed(i)
         cfg = peft.RoadConfig(variant=variant, group_size=8, target_modules=QV)
-        pm = _train(peft.get_peft_model(build("bert"), cfg), "bert", seed=30 + i)
+        pm = train_on(peft.get_peft_model(build("bert"), cfg), "bert", 30 + i)
         pm.save_pretrained(tmp_path / name)
         folders[name] = tmp_path / name
     pm = peft.PeftModel.from_pretrained(build("bert"), folders["a"], adapter_name="a").eval()
@@ -114,8 +84,8 @@ def test_same_init_and_steps_train_to_the_same_tensors(case, tmp_path):
     """Both sides start from the same (deterministic) init and take the same AdamW steps: the saved tensors
     agree, so the gradients agree (for OSF: its projections away from the frozen high subspace)."""
     kind, make = TRAINED_ALIKE[case]
-    pm = _train(peft.get_peft_model(build(kind), make()), kind, seed=40)
-    ours = _train(up.adapt(build(kind), up.AdapterConfig.from_dict(make().to_dict())), kind, seed=40)
+    pm = train_on(peft.get_peft_model(build(kind), make()), kind, 40)
+    ours = train_on(up.adapt(build(kind), up.AdapterConfig.from_dict(make().to_dict())), kind, 40)
     pm.save_pretrained(tmp_path / "peft")
     ours.save_pretrained(tmp_path / "ours")
     theirs = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))

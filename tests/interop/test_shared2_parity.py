@@ -9,12 +9,10 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from safetensors.torch import load_file
-
-import unipeft as up
 
 from ._models import build, inputs, output
-from ._parity import TOL, assert_same_merge, peft_load_report, train_steps
+from ._parity import (TOL, assert_our_folder_loads_in_peft, assert_peft_folder_loads_alike,
+                      assert_regenerated_bases_equal, assert_same_merge, fresh_pair, peft_layers, peft_trained)
 
 QV = ["query", "value", "intermediate.dense"]
 
@@ -55,85 +53,45 @@ SAMPLING = {
 }
 
 
-def _train(model, kind: str, seed: int):
-    return train_steps(model, lambda m, s: output(m, inputs(kind, seed=s)), seed)
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_trained_folder_loads_with_identical_outputs_and_merge(case, tmp_path):
     kind, make = CASES[case]
-    torch.manual_seed(0)
-    pm = _train(peft.get_peft_model(build(kind), make()), kind, seed=10)
-    pm.save_pretrained(tmp_path)
-    ours = up.AdaptedModel.from_pretrained(build(kind), tmp_path)
-    batch = inputs(kind, seed=99)
-    with torch.no_grad():
-        expected = output(pm, batch)
-        assert (expected - output(build(kind), batch)).abs().max() > 1e-5, "the adapter does nothing"
-        torch.testing.assert_close(output(ours, batch), expected, **TOL)
+    pm, ours = assert_peft_folder_loads_alike(kind, make, tmp_path)
     assert_same_merge(pm, ours)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_our_folder_loads_in_peft_with_no_missing_or_unexpected_keys(case, tmp_path):
     kind, make = CASES[case]
-    config = up.AdapterConfig.from_dict(make().to_dict())  # PEFT's own dict -> our config
-    torch.manual_seed(1)
-    ours = _train(up.adapt(build(kind), config), kind, seed=20)
-    ours.save_pretrained(tmp_path / "ours")
-    # What PEFT itself leaves out of its own file (shared buffers it keeps once) is the reference.
-    peft.get_peft_model(build(kind), make()).save_pretrained(tmp_path / "peft")
-    _, _, _, missing_own = peft_load_report(build(kind), tmp_path / "peft")
-
-    pm, noisy, unexpected, missing = peft_load_report(build(kind), tmp_path / "ours")
-    assert not noisy, noisy
-    assert not unexpected
-    assert missing == missing_own
-    ours_keys = set(load_file(str(tmp_path / "ours" / "adapter_model.safetensors")))
-    peft_keys = set(load_file(str(tmp_path / "peft" / "adapter_model.safetensors")))
-    assert ours_keys == peft_keys
-    batch = inputs(kind, seed=98)
-    with torch.no_grad():
-        torch.testing.assert_close(output(pm, batch), output(ours, batch), **TOL)
+    assert_our_folder_loads_in_peft(kind, make, tmp_path, moved=None)
 
 
 @pytest.mark.parametrize("case", sorted(BASES))
 def test_regenerated_bases_equal_peft_generation(case):
     """With save_projection=False both sides regenerate the bases from the seed: bit-identical."""
     kind, make = CASES[case]
-    pm = peft.get_peft_model(build(kind), make())
-    ours = up.adapt(build(kind), up.AdapterConfig.from_dict(make().to_dict()))
-    bank = ours.banks["default"]
-    for name in BASES[case]:
-        theirs = getattr(pm.base_model, name)["default"]
-        assert torch.equal(getattr(bank, name), theirs.float()), name
+    assert_regenerated_bases_equal(kind, make, BASES[case])
 
 
 @pytest.mark.parametrize("case", ["unilora", "unilora-gpt2-conv1d"])
 def test_unilora_indices_and_scales_equal_peft_assignment(case):
     """Both sides assign every factor entry of every site to theta_d by the same seeded balanced draw."""
-    kind, make = CASES[case]
-    pm = peft.get_peft_model(build(kind), make())
-    ours = up.adapt(build(kind), up.AdapterConfig.from_dict(make().to_dict()))
-    peft_layers = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules()
-                   if isinstance(m, peft.tuners.unilora.UniLoraLayer)}
-    assert len(peft_layers) == len(ours.deltas("default")) >= 4
+    pm, ours = fresh_pair(*CASES[case])
+    layers = peft_layers(pm, peft.tuners.unilora.UniLoraLayer)
+    assert len(layers) == len(ours.deltas("default")) >= 4
     for delta in ours.deltas("default"):
         for name in ("unilora_indices_A", "unilora_indices_B", "unilora_scales_A", "unilora_scales_B"):
-            assert torch.equal(getattr(delta, name), getattr(peft_layers[delta.path], name)["default"]), name
+            assert torch.equal(getattr(delta, name), getattr(layers[delta.path], name)["default"]), name
 
 
 @pytest.mark.parametrize("case", ["tinylora-regenerated", "tinylora-llama", "tinylora-saved"])
 def test_tinylora_projections_and_groups_equal_peft(case):
     """Both sides draw each site's P from projection_seed + its target index and tie the same sites to one v."""
-    kind, make = CASES[case]
-    pm = peft.get_peft_model(build(kind), make())
-    ours = up.adapt(build(kind), up.AdapterConfig.from_dict(make().to_dict()))
-    peft_layers = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules()
-                   if isinstance(m, peft.tuners.tinylora.TinyLoraLayer)}
-    assert len(peft_layers) == len(ours.deltas("default")) >= 4
+    pm, ours = fresh_pair(*CASES[case])
+    layers = peft_layers(pm, peft.tuners.tinylora.TinyLoraLayer)
+    assert len(layers) == len(ours.deltas("default")) >= 4
     for delta in ours.deltas("default"):
-        layer = peft_layers[delta.path]
+        layer = layers[delta.path]
         assert torch.equal(delta.tinylora_P, layer.tinylora_P["default"]), delta.path
         assert delta.group == layer._tinylora_v_key["default"], delta.path
     assert set(ours.banks["default"].tinylora_v) == set(pm.base_model.tinylora_v["default"])
@@ -143,9 +101,8 @@ def test_tinylora_projections_and_groups_equal_peft(case):
 def test_frod_bases_and_patterns_equal_peft_generation(case):
     """Both sides build each category's basis from the base weights and draw its sparse pattern from the
     seed: the same categories, bit-identical patterns, bases equal to float32 round-off."""
-    kind, make = CASES[case]
-    pm = peft.get_peft_model(build(kind), make())
-    bank = up.adapt(build(kind), up.AdapterConfig.from_dict(make().to_dict())).banks["default"]
+    pm, adapted = fresh_pair(*CASES[case])
+    bank = adapted.banks["default"]
     categories = set(pm.base_model.frod_V)
     assert len(categories) >= 2
     for ours, theirs in FROD_BANK:
@@ -163,10 +120,7 @@ def test_sampled_outputs_equal_peft_with_the_same_generator_seed(case, tmp_path)
     """Both sides draw each site's noise from a CPU generator at generator_seed: the same samples, call
     after call; the merge uses the mean on both sides."""
     kind, make = SAMPLING[case]
-    torch.manual_seed(0)
-    pm = _train(peft.get_peft_model(build(kind), make()), kind, seed=10)
-    pm.save_pretrained(tmp_path)
-    ours = up.AdaptedModel.from_pretrained(build(kind), tmp_path)
+    _, ours = peft_trained(kind, make, tmp_path)
     fresh = peft.PeftModel.from_pretrained(build(kind), tmp_path).eval()  # generators restart at the seed
     batch = inputs(kind, seed=99)
     with torch.no_grad():

@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import peft
 import pytest
-import torch
-from safetensors.torch import load_file
 
-import unipeft as up
-
-from ._models import build, inputs, output
-from ._parity import TOL, assert_same_merge, peft_load_report, train_steps
+from ._parity import (assert_our_folder_loads_in_peft, assert_peft_folder_loads_alike, assert_regenerated_bases_equal,
+                      assert_same_merge)
 
 QV = ["query", "value", "intermediate.dense"]
 
@@ -36,60 +32,22 @@ CASES = {
 }
 
 
-def _train(model, kind: str, seed: int):
-    return train_steps(model, lambda m, s: output(m, inputs(kind, seed=s)), seed)
-
-
-def _peft_load_report(kind: str, folder):
-    return peft_load_report(build(kind), folder)
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_trained_folder_loads_with_identical_outputs_and_merge(case, tmp_path):
     kind, make = CASES[case]
-    torch.manual_seed(0)
-    pm = _train(peft.get_peft_model(build(kind), make()), kind, seed=10)
-    pm.save_pretrained(tmp_path)
-    ours = up.AdaptedModel.from_pretrained(build(kind), tmp_path)
-    batch = inputs(kind, seed=99)
-    with torch.no_grad():
-        expected = output(pm, batch)
-        assert (expected - output(build(kind), batch)).abs().max() > 1e-5, "the adapter does nothing"
-        torch.testing.assert_close(output(ours, batch), expected, **TOL)
+    pm, ours = assert_peft_folder_loads_alike(kind, make, tmp_path)
     assert_same_merge(pm, ours)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_our_folder_loads_in_peft_with_no_missing_or_unexpected_keys(case, tmp_path):
     kind, make = CASES[case]
-    config = up.AdapterConfig.from_dict(make().to_dict())  # PEFT's own dict -> our config
-    torch.manual_seed(1)
-    ours = _train(up.adapt(build(kind), config), kind, seed=20)
-    ours.save_pretrained(tmp_path / "ours")
-    # What PEFT itself leaves out of its own file (shared buffers it keeps once) is the reference.
-    peft.get_peft_model(build(kind), make()).save_pretrained(tmp_path / "peft")
-    _, _, _, missing_own = _peft_load_report(kind, tmp_path / "peft")
-
-    pm, noisy, unexpected, missing = _peft_load_report(kind, tmp_path / "ours")
-    assert not noisy, noisy
-    assert not unexpected
-    assert missing == missing_own
-    ours_keys = set(load_file(str(tmp_path / "ours" / "adapter_model.safetensors")))
-    peft_keys = set(load_file(str(tmp_path / "peft" / "adapter_model.safetensors")))
-    assert ours_keys == peft_keys
-    batch = inputs(kind, seed=98)
-    with torch.no_grad():
-        torch.testing.assert_close(output(pm, batch), output(ours, batch), **TOL)
+    assert_our_folder_loads_in_peft(kind, make, tmp_path, moved=None)
 
 
 @pytest.mark.parametrize("case", ["vera-regenerated", "randlora-regenerated"])
 def test_regenerated_bases_equal_peft_generation(case):
     """With save_projection=False both sides regenerate the bases from the seed: bit-identical."""
     kind, make = CASES[case]
-    pm = peft.get_peft_model(build(kind), make())
-    ours = up.adapt(build(kind), up.AdapterConfig.from_dict(make().to_dict()))
-    bank = ours.banks["default"]
     names = ("vera_A", "vera_B") if case.startswith("vera") else ("randlora_A", "randlora_B")
-    for name in names:
-        theirs = getattr(pm.base_model, name)["default"]
-        assert torch.equal(getattr(bank, name), theirs.float()), name
+    assert_regenerated_bases_equal(kind, make, names)

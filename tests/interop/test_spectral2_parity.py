@@ -6,12 +6,9 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from safetensors.torch import load_file
 
-import unipeft as up
-
-from ._models import build, inputs, output
-from ._parity import TOL, assert_same_merge, peft_load_report, train_steps
+from ._parity import (assert_config_round_trips, assert_our_folder_loads_in_peft, assert_outputs_match,
+                      assert_same_merge, fresh_pair, peft_trained)
 
 QV = ["query", "value", "intermediate.dense"]  # 32x32, 32x32 and 32 -> 40 in the tiny BERT
 
@@ -48,61 +45,24 @@ ROUND_TRIP = ["hira-gaussian", "hira-llama-random", "supertuning", "supertuning-
               "supertuning-no-indices", "waveft-db3-pattern-random", "waveft-proportional-db4"]
 
 
-def _train(model, kind: str, seed: int):
-    return train_steps(model, lambda m, s: output(m, inputs(kind, seed=s)), seed)
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_trained_folder_loads_with_identical_outputs_and_merge(case, tmp_path):
     kind, make = CASES[case]
-    torch.manual_seed(0)
-    pm = _train(peft.get_peft_model(build(kind), make()), kind, seed=10)
-    pm.save_pretrained(tmp_path)
-    ours = up.AdaptedModel.from_pretrained(build(kind), tmp_path).eval()
-    batch = inputs(kind, seed=99)
-    with torch.no_grad():
-        expected = output(pm, batch)
-        assert (expected - output(build(kind), batch)).abs().max() > 1e-5, "the adapter does nothing"
-        torch.testing.assert_close(output(ours, batch), expected, **TOL)
+    pm, ours = peft_trained(kind, make, tmp_path)
+    assert_outputs_match(pm, ours.eval(), kind, 99)
     assert_same_merge(pm, ours)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_our_folder_loads_in_peft_with_no_missing_or_unexpected_keys(case, tmp_path):
     kind, make = CASES[case]
-    config = up.AdapterConfig.from_dict(make().to_dict())  # PEFT's own dict -> our config
-    torch.manual_seed(1)
-    ours = _train(up.adapt(build(kind), config), kind, seed=20)
-    ours.save_pretrained(tmp_path / "ours")
-    peft.get_peft_model(build(kind), make()).save_pretrained(tmp_path / "peft")
-    _, _, _, missing_own = peft_load_report(build(kind), tmp_path / "peft")
-
-    pm, noisy, unexpected, missing = peft_load_report(build(kind), tmp_path / "ours")
-    assert not noisy, noisy
-    assert not unexpected
-    assert missing == missing_own
-    ours_file = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
-    peft_file = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
-    assert set(ours_file) == set(peft_file)
-    for key, tensor in peft_file.items():
-        assert ours_file[key].shape == tensor.shape and ours_file[key].dtype == tensor.dtype, key
-    batch = inputs(kind, seed=98)
-    with torch.no_grad():
-        expected = output(ours, batch)
-        assert (expected - output(build(kind), batch)).abs().max() > 1e-5, "the adapter does nothing"
-        torch.testing.assert_close(output(pm, batch), expected, **TOL)
+    assert_our_folder_loads_in_peft(kind, make, tmp_path, shapes=True)
 
 
 @pytest.mark.parametrize("case", ROUND_TRIP)
 def test_config_round_trips_through_peft_json(case, tmp_path):
     """Our adapter_config.json loads as PEFT's config class with the same values, and back."""
-    kind, make = CASES[case]
-    ours = up.AdapterConfig.from_dict(make().to_dict())
-    ours.save(tmp_path)
-    theirs = peft.PeftConfig.from_pretrained(str(tmp_path))
-    assert type(theirs).__name__ == type(ours).peft_class
-    back = up.AdapterConfig.from_dict(theirs.to_dict())
-    assert back.to_dict() == ours.to_dict()
+    assert_config_round_trips(CASES[case][1], tmp_path)
 
 
 def _peft_per_adapter(pm, attr: str) -> dict[str, torch.Tensor]:
@@ -123,9 +83,7 @@ def _peft_per_adapter(pm, attr: str) -> dict[str, torch.Tensor]:
     ("waveft-proportional-db4", "waveft_indices", "indices")])
 def test_masks_equal_peft_selection(case, attr, ours_attr):
     """The supports (masks, locations) PEFT selects on the same base: equal, in the same order and dtype."""
-    kind, make = CASES[case]
-    pm = peft.get_peft_model(build(kind), make())
-    ours = up.adapt(build(kind), up.AdapterConfig.from_dict(make().to_dict()))
+    pm, ours = fresh_pair(*CASES[case])
     theirs = _peft_per_adapter(pm, attr)
     mine = {s.path: getattr(s.deltas["default"], ours_attr) for s in ours.sites()}
     assert theirs.keys() == mine.keys() and mine

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 import unipeft as up
 
 from ._models import VOCAB, build, inputs, output
-from ._parity import TOL, assert_same_merge, peft_load_report, train_steps
+from ._parity import (assert_our_folder_loads_in_peft, assert_outputs_match, assert_peft_folder_loads_alike,
+                      assert_same_merge, fresh_pair, peft_loads_ours, train_on)
 
 IDS = [3, 17, 40, VOCAB - 1]
 
@@ -33,11 +34,7 @@ def _batch(kind: str, seed: int) -> dict:
 
 
 def _train(model, kind: str, seed: int):
-    return train_steps(model, lambda m, s: output(m, _batch(kind, s)), seed)
-
-
-def _peft_load_report(kind: str, folder):
-    return peft_load_report(build(kind), folder)
+    return train_on(model, kind, seed, batch=_batch)
 
 
 def _assert_same_merge(pm, ours, tied: bool) -> None:
@@ -51,42 +48,21 @@ def _assert_same_merge(pm, ours, tied: bool) -> None:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_trained_folder_loads_with_identical_outputs_and_merge(case, tmp_path):
     kind, make, tied = CASES[case]
-    pm = _train(peft.get_peft_model(build(kind), make()), kind, seed=10)
-    pm.save_pretrained(tmp_path)
-    ours = up.AdaptedModel.from_pretrained(build(kind), tmp_path)
-    batch = _batch(kind, seed=99)
-    with torch.no_grad():
-        expected = output(pm, batch)
-        assert (expected - output(build(kind), batch)).abs().max() > 1e-4, "the adapter does nothing"
-        torch.testing.assert_close(output(ours, batch), expected, **TOL)
+    pm, ours = assert_peft_folder_loads_alike(kind, make, tmp_path, moved=1e-4, batch=_batch, seed=None)
     _assert_same_merge(pm, ours, tied)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_our_folder_loads_in_peft_with_no_missing_or_unexpected_keys(case, tmp_path):
     kind, make, tied = CASES[case]
-    config = up.AdapterConfig.from_dict(make().to_dict())  # PEFT's own dict -> our config
-    ours = _train(up.adapt(build(kind), config), kind, seed=20)
-    ours.save_pretrained(tmp_path / "ours")
-    peft.get_peft_model(build(kind), make()).save_pretrained(tmp_path / "peft")
-    _, _, _, missing_own = _peft_load_report(kind, tmp_path / "peft")
-    pm, noisy, unexpected, missing = _peft_load_report(kind, tmp_path / "ours")
-    assert not noisy, noisy
-    assert not unexpected and missing == missing_own
-    ours_keys = set(load_file(str(tmp_path / "ours" / "adapter_model.safetensors")))
-    assert ours_keys == set(load_file(str(tmp_path / "peft" / "adapter_model.safetensors")))
-    batch = _batch(kind, seed=98)
-    with torch.no_grad():
-        assert (output(ours, batch) - output(build(kind), batch)).abs().max() > 1e-4, "the adapter does nothing"
-        torch.testing.assert_close(output(pm, batch), output(ours, batch), **TOL)
+    pm, ours = assert_our_folder_loads_in_peft(kind, make, tmp_path, moved=1e-4, batch=_batch, seed=None)
     _assert_same_merge(pm, ours, tied)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_fresh_rows_equal_peft_and_both_are_the_identity(case):
     kind, make, _ = CASES[case]
-    pm = peft.get_peft_model(build(kind), make())
-    ours = up.adapt(build(kind), up.AdapterConfig.from_dict(make().to_dict()))
+    pm, ours = fresh_pair(kind, make)
     theirs = [p for p in pm.parameters() if p.requires_grad]
     assert len(theirs) == 1
     mine = ours.adapter_state_dict()
@@ -125,11 +101,7 @@ def test_peft_tied_folder_loads_with_identical_outputs_once_the_head_is_named(tm
     pm.save_pretrained(tmp_path)
     _name_targets(tmp_path, ["transformer.wte", "lm_head"])
     ours = up.AdaptedModel.from_pretrained(build("gpt2"), tmp_path)
-    batch = _batch("gpt2", seed=99)
-    with torch.no_grad():
-        expected = output(pm, batch)
-        assert (expected - output(build("gpt2"), batch)).abs().max() > 1e-4, "the adapter does nothing"
-        torch.testing.assert_close(output(ours, batch), expected, **TOL)
+    assert_outputs_match(pm, ours, "gpt2", 99, moved=1e-4, batch=_batch)
     _assert_same_merge(pm, ours, tied=True)
 
 
@@ -140,13 +112,6 @@ def test_our_tied_folder_loads_in_peft_once_only_the_embedding_is_named(tmp_path
                                                                    target_modules=["wte", "lm_head"])), "gpt2", seed=20)
     ours.save_pretrained(tmp_path / "ours")
     _name_targets(tmp_path / "ours", "transformer.wte")
-    peft.get_peft_model(build("gpt2"), peft.TrainableTokensConfig(token_indices=IDS)).save_pretrained(tmp_path / "peft")
-    _, _, _, missing_own = _peft_load_report("gpt2", tmp_path / "peft")
-    pm, noisy, unexpected, missing = _peft_load_report("gpt2", tmp_path / "ours")
-    assert not noisy and not unexpected and missing == missing_own, (noisy, unexpected)
-    ours_keys = set(load_file(str(tmp_path / "ours" / "adapter_model.safetensors")))
-    assert ours_keys == set(load_file(str(tmp_path / "peft" / "adapter_model.safetensors")))
-    batch = _batch("gpt2", seed=98)
-    with torch.no_grad():
-        assert (output(ours, batch) - output(build("gpt2"), batch)).abs().max() > 1e-4, "the adapter does nothing"
-        torch.testing.assert_close(output(pm, batch), output(ours, batch), **TOL)
+    pm = peft_loads_ours("gpt2", lambda: peft.TrainableTokensConfig(token_indices=IDS), tmp_path / "ours",
+                         tmp_path / "peft")
+    assert_outputs_match(ours, pm, "gpt2", 98, moved=1e-4, batch=_batch)

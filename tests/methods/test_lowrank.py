@@ -8,16 +8,9 @@ import torch
 
 import unipeft as up
 from tests.interop._models import build, inputs, output
+from tests.interop._parity import perturb
 
 QV = ["query", "value", "intermediate.dense"]  # 32x32 and 32->40 in the tiny BERT
-
-
-def _perturb(model, seed: int = 0, scale: float = 0.2) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 def _sites(model, name: str = "default"):
@@ -29,7 +22,7 @@ def _mixed_matches_per_adapter(make_a, make_b, kind: str = "bert") -> None:
     model = up.adapt(build(kind), make_a(), "a")
     model.add_adapter("b", make_b())
     model.set_adapter(["a", "b"])
-    _perturb(model, seed=3)
+    perturb(model, seed=3)
     batch = inputs(kind, seed=5)
     rows = ["b", "a", "__base__", "a"]
     with torch.no_grad():
@@ -47,7 +40,7 @@ def _mixed_matches_per_adapter(make_a, make_b, kind: str = "bert") -> None:
 
 def _merge_and_reload(config, kind: str, tmp_path, mergeable: bool = True) -> None:
     model = up.adapt(build(kind), config)
-    _perturb(model)
+    perturb(model)
     batch = inputs(kind, seed=7)
     with torch.no_grad():
         before = output(model, batch)
@@ -82,7 +75,7 @@ def _gralora_reference(delta) -> torch.Tensor:
 def test_gralora_update_is_the_block_structure_and_forward_uses_it(k, hybrid):
     torch.manual_seed(0)
     model = up.adapt(build("bert"), up.GraloraConfig(r=8, gralora_k=k, hybrid_r=hybrid, alpha=4, target_modules=QV))
-    _perturb(model)
+    perturb(model)
     for site in _sites(model):
         d = site.deltas["default"]
         ref = _gralora_reference(d)
@@ -133,7 +126,7 @@ def _deft_reference(delta, base) -> torch.Tensor:
 @pytest.mark.parametrize("fields", [{}, {"alpha": 6, "decomposition_method": "qr"}, {"para": True}])
 def test_deft_merged_weight_is_the_residual_projection_update(fields):
     model = up.adapt(build("bert"), up.DeftConfig(r=4, target_modules=QV, **fields))
-    _perturb(model, scale=0.05)
+    perturb(model, scale=0.05)
     for site in _sites(model):
         d = site.deltas["default"]
         expected = _deft_reference(d, site.base_layer)
@@ -169,7 +162,7 @@ def test_deft_rank_is_capped_at_out_features_and_unmerge_restores_the_base():
     shapes = {s.path.rsplit(".", 2)[-2] + "." + s.path.rsplit(".", 1)[-1]: tuple(s.deltas["default"].deft_P.shape)
               for s in _sites(model)}
     assert shapes["self.query"] == (32, 32) and shapes["intermediate.dense"] == (40, 36)
-    _perturb(model, scale=0.05)
+    perturb(model, scale=0.05)
     before = {k: v.clone() for k, v in model.base_model.state_dict().items() if k.endswith("base_layer.weight")}
     model.merge()
     assert any((model.base_model.state_dict()[k] - v).abs().max() > 1e-4 for k, v in before.items())
@@ -216,7 +209,7 @@ def test_lily_shares_A_per_stride_and_B_per_target_like_peft():
 
 def test_lily_forward_mixes_the_experts_by_the_batch_mean_router_weights():
     model = up.adapt(build("bert"), up.LilyConfig(r=4, num_B=3, scaling=0.7, target_modules=["query"]))
-    _perturb(model)
+    perturb(model)
     d = _sites(model)[0].deltas["default"]
     x = torch.randn(2, 5, 32)
     with torch.no_grad():
@@ -276,7 +269,7 @@ def _peanut_reference(delta, weight: torch.Tensor, act) -> torch.Tensor:
 @pytest.mark.parametrize("depth,act", [(0, "relu"), (2, "gelu"), (3, "tanh")])
 def test_peanut_update_is_the_network_of_the_base_weight(depth, act):
     model = up.adapt(build("bert"), up.PeanutConfig(r=4, depth=depth, act_fn=act, scaling=0.3, target_modules=QV))
-    _perturb(model, scale=0.1)
+    perturb(model, scale=0.1)
     fn = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh}[act]
     for site in _sites(model):
         d = site.deltas["default"]
@@ -299,7 +292,7 @@ def test_peanut_identity_merge_unmerge_and_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(output(model, batch), output(build("bert"), batch))
     _merge_and_reload(cfg, "bert", tmp_path)
-    _perturb(model)
+    perturb(model)
     before = {k: v.clone() for k, v in model.base_model.state_dict().items() if k.endswith("base_layer.weight")}
     model.merge()
     model.unmerge()

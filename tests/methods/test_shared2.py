@@ -2,17 +2,17 @@
 seed mismatches refused without touching the model, sampling only where the method samples."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import unipeft as up
 from tests.interop._models import build, inputs, output
+from tests.interop._parity import TOL
+
+from ._helpers import assert_merge_unmerge_and_reload, assert_seed_mismatch_refused, trained_bert
 
 TARGETS = ["query", "value", "intermediate.dense", "output.dense"]  # 32x32, 32->40, 40->32 in the tiny BERT
-TOL = dict(atol=1e-5, rtol=1e-5)
 
 CONFIGS = {
     "pvera": lambda: up.PveraConfig(r=8, target_modules=TARGETS, save_projection=False),
@@ -32,16 +32,8 @@ SEEDED = {"pvera-saved": "projection_prng_key", "frod-saved": "projection_prng_k
           "tinylora-saved": "projection_seed"}
 
 
-def _trained(name: str, steps: int = 3) -> up.AdaptedModel:
-    torch.manual_seed(0)
-    model = up.adapt(build("bert"), CONFIGS[name]())
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    for step in range(steps):
-        opt.zero_grad()
-        out = output(model, inputs("bert", seed=10 + step))
-        ((out ** 2).mean() + out.mean()).backward()
-        opt.step()
-    return model.eval()
+def _trained(name: str) -> up.AdaptedModel:
+    return trained_bert(CONFIGS[name])
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -63,48 +55,13 @@ def test_init_is_the_identity_where_the_method_says_so(name):
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_merged_equals_unmerged_and_save_load_exact(name, tmp_path):
-    model = _trained(name)
-    batch = inputs("bert", seed=99)
-    with torch.no_grad():
-        before = output(model, batch)
-        assert (before - output(build("bert"), batch)).abs().max() > 1e-5, "training did not change the output"
-    model.save_pretrained(tmp_path)
-    torch.manual_seed(123)  # the loaded adapter's own init draws other numbers
-    loaded = up.AdaptedModel.from_pretrained(build("bert"), tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(output(loaded, batch), before, rtol=0, atol=0)
-        model.merge()
-        torch.testing.assert_close(output(model, batch), before, **TOL)
-        model.unmerge()
-        torch.testing.assert_close(output(model, batch), before, rtol=0, atol=1e-6)
+    assert_merge_unmerge_and_reload(_trained(name), tmp_path, moved=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(SEEDED))
 def test_seed_mismatch_is_one_error_naming_the_field_and_changes_nothing(name, tmp_path):
-    field = SEEDED[name]
     _trained(name).save_pretrained(tmp_path)
-    path = tmp_path / "adapter_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), field: 7}))
-    cls = type(CONFIGS[name]()).__name__
-    base = build("bert")
-    batch = inputs("bert", seed=5)
-    with torch.no_grad():
-        expected = output(base, batch)
-    state = {k: v.clone() for k, v in base.state_dict().items()}
-    with pytest.raises(up.AdapterLoadError, match=rf"{cls}\.{field}=7"):
-        up.AdaptedModel.from_pretrained(base, tmp_path)
-    assert not any(isinstance(m, up.Delta) for m in base.modules())
-    assert all(torch.equal(v, state[k]) for k, v in base.state_dict().items())
-    with torch.no_grad():
-        torch.testing.assert_close(output(base, batch), expected, rtol=0, atol=0)
-    host = up.adapt(build("bert"), up.LoraConfig(r=2, target_modules=["key"]))
-    with torch.no_grad():
-        host_out = output(host, batch)
-    with pytest.raises(up.AdapterLoadError, match=field):
-        host.load_adapter(tmp_path, "other")
-    assert list(host.peft_config) == ["default"] and not host.banks
-    with torch.no_grad():
-        torch.testing.assert_close(output(host, batch), host_out, rtol=0, atol=0)
+    assert_seed_mismatch_refused(tmp_path, type(CONFIGS[name]()).__name__, SEEDED[name])
 
 
 def test_pvera_samples_in_training_mode_and_uses_the_mean_in_eval():
