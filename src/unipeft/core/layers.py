@@ -288,3 +288,11 @@ def scale_packed_rows(module: nn.Module, g: torch.Tensor) -> bool:
     new = bnb.nn.Int8Params(old.data, requires_grad=False, has_fp16_weights=False)
     _set_packed(module, new, scb * g.to(scb.device, scb.dtype))
     return True
+
+
+def activation_checkpointing(model: nn.Module) -> bool:
+    """Whether a transformers model recomputes its layers in backward (activation / gradient checkpointing)."""
+    flag = getattr(model, "is_activation_checkpointing", None)
+    if flag is None:  # older transformers
+        flag = getattr(model, "is_gradient_checkpointing", False)
+    return bool(flag)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import layers
 from ..core.config import AdapterConfig
 from ..core.delta import Delta
 from ..core.errors import ConfigError, TargetError
@@ -223,10 +224,7 @@ class AdaptionPromptDelta(Delta):
 
     def prepare_inputs(self, model, kwargs: dict):
         base = model.base_model
-        checkpointing = getattr(base, "is_activation_checkpointing", None)
-        if checkpointing is None:  # older transformers
-            checkpointing = getattr(base, "is_gradient_checkpointing", False)
-        if base.training and checkpointing:
+        if base.training and layers.activation_checkpointing(base):
             raise ConfigError("adaption prompt: gradient checkpointing recomputes the attention layers after the "
                               "call, without the adapter; disable it (model.gradient_checkpointing_disable())")
         self._release()  # hooks left by an earlier call

@@ -12,7 +12,6 @@ tensors: "average_source_tasks" (mean factors), "exact_source_task" (task `init_
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,8 +21,7 @@ from torch import nn
 from ..core.errors import ConfigError
 from ..core.fields import choice, non_negative_int, positive_int
 from ..core.registry import Capabilities, register
-from .prompts import (PromptTuningConfig, PromptTuningDelta, cache_length, extend_masks,
-                      is_input_embedding, strip_virtual_positions)
+from .prompts import PromptTuningConfig, PromptTuningDelta, is_input_embedding
 
 _MPT_INITS = {"random": "RANDOM", "text": "TEXT", "average_source_tasks": "AVERAGE_SOURCE_TASKS",
               "exact_source_task": "EXACT_SOURCE_TASK", "only_source_shared": "ONLY_SOURCE_SHARED"}
@@ -141,24 +139,9 @@ class MultitaskPromptDelta(PromptTuningDelta):
         factor = self.prefix_task_cols.index_select(0, ids) @ self.prefix_task_rows.index_select(0, ids)
         return self.prompt_embeddings.unsqueeze(0) * factor
 
-    def prepare_inputs(self, model, kwargs: dict):
-        past = cache_length(kwargs.get("past_key_values"))
-        if past:  # the cache already holds the task prompts of the first step
-            return self.continue_inputs(model, kwargs, past)
-        embeds = self.embed_inputs(model, kwargs)
-        batch, length = embeds.shape[:2]
-        n = self.num_virtual_tokens
-        prompts = self.task_prompts(self.task_ids(batch, embeds.device)).to(embeds.dtype)
-        kwargs["inputs_embeds"] = torch.cat((prompts, embeds), dim=1)
-        extend_masks(kwargs, batch, n)
-        if kwargs.get("position_ids") is not None:
-            warnings.warn("position_ids are ignored while a prompt adapter is active (as in PEFT)", stacklevel=4)
-            kwargs["position_ids"] = None
-        labels = kwargs.get("labels")
-        if labels is not None and labels.dim() == 2 and labels.shape[1] == length:
-            kwargs["labels"] = torch.cat((labels.new_full((batch, n), -100), labels), dim=1)
-        return kwargs, lambda out: strip_virtual_positions(out, n, n + length)
-
+    def batch_prompts(self, batch: int, device) -> torch.Tensor:
+        """Each row's task prompt (the first step of a generation; the cache holds them after it)."""
+        return self.task_prompts(self.task_ids(batch, device))
 
 register("multitask_prompt_tuning", MultitaskPromptTuningConfig, MultitaskPromptDelta,
          Capabilities(mergeable=False, mixed_batch=False, layer_types=(nn.Embedding,), peft_compatible=True,

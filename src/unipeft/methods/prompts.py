@@ -126,6 +126,10 @@ class PromptDelta(Delta):
         kwargs["position_ids"] = None  # positions follow the cache, as without one
         return kwargs, None
 
+    def batch_prompts(self, batch: int, device) -> torch.Tensor:
+        """(batch, n, d): the virtual tokens put before each row (the same prompt for every row here)."""
+        return self.prompt().unsqueeze(0).expand(batch, -1, -1)
+
     def prepare_inputs(self, model, kwargs: dict):
         past = cache_length(kwargs.get("past_key_values"))
         if past:
@@ -133,7 +137,7 @@ class PromptDelta(Delta):
         embeds = self.embed_inputs(model, kwargs)
         batch, length = embeds.shape[:2]
         n = self.num_virtual_tokens
-        prompts = self.prompt().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        prompts = self.batch_prompts(batch, embeds.device).to(embeds.dtype)
         kwargs["inputs_embeds"] = torch.cat((prompts, embeds), dim=1)
         extend_masks(kwargs, batch, n)
         if kwargs.get("position_ids") is not None:

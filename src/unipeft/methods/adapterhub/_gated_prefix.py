@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...core import layers
 from ...core.bank import Bank
 from ...core.errors import ConfigError, TargetError
 from ...core.targets import logical_modules
@@ -152,10 +153,7 @@ class GatedPrefixBank(Bank):
     def prepare_inputs(self, model, kwargs: dict):
         """Prefix tuning's inputs (cache + masks), then this call's gate hooks on every attention module."""
         base = model.base_model
-        checkpointing = getattr(base, "is_activation_checkpointing", None)
-        if checkpointing is None:  # older transformers
-            checkpointing = getattr(base, "is_gradient_checkpointing", False)
-        if base.training and checkpointing:
+        if base.training and layers.activation_checkpointing(base):
             raise ConfigError("UniPELT gated prefix: gradient checkpointing recomputes the attention layers after "
                               "the call, without the gates; disable it (model.gradient_checkpointing_disable())")
         kwargs, post = self.prefix.prepare_inputs(model, kwargs)
