@@ -125,7 +125,24 @@ class LoKrDelta(LycorisDelta):
             if self.cp:
                 kaiming_(self.lokr_t2)
 
-    def dense_update(self) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """On a Linear, kron(W1, W2) x as W1 X W2^T with X the input folded to (c, d): two small products
+        instead of building the (out, in) update and one large product. Convs and rank dropout (which drops
+        rows of the dense update) take the dense path."""
+        if not isinstance(self.base, nn.Linear) or (self.training and self.rank_dropout > 0):
+            return super().forward(x, base_out)
+        if self.training and self.module_dropout > 0 and not bool(torch.rand(1) > self.module_dropout):
+            return base_out
+        w1, w2 = self.factors()
+        (a, c), (b, d) = w1.shape, w2.shape
+        lead, n = x.shape[:-1], x.shape[:-1].numel()
+        h = x if x.dtype == w1.dtype else x.to(w1.dtype)
+        h = (h.reshape(n * c, d) @ w2.T).reshape(n, c, b).transpose(1, 2).reshape(n * b, c)  # X W2^T, as (n b, c)
+        h = (h @ (w1.T * self.scaling)).reshape(n, b, a).transpose(1, 2).reshape(*lead, a * b)  # W1 (X W2^T)
+        return base_out + h.to(base_out.dtype)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W1 and W2 (W2 with its kernel dims on a conv), rebuilt from their low-rank or CP forms."""
         w1 = self.lokr_w1 if self.whole_w1 else self.lokr_w1_a @ self.lokr_w1_b
         if self.whole_w2:
             w2 = self.lokr_w2
@@ -133,6 +150,10 @@ class LoKrDelta(LycorisDelta):
             w2 = cp_rebuild(self.lokr_t2, self.lokr_w2_a, self.lokr_w2_b)
         else:
             w2 = self.lokr_w2_a @ self.lokr_w2_b
+        return w1, w2
+
+    def dense_update(self) -> torch.Tensor:
+        w1, w2 = self.factors()
         if w2.ndim == 4:  # the kernel rides on W2: W1 becomes (a, c, 1, 1)
             w1 = w1[:, :, None, None]
         # A whole Conv1d W2 is (b, d, k) against a 2-d W1: torch.kron then prepends a unit dim to W1, and the
