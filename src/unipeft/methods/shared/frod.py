@@ -172,6 +172,10 @@ class FrodDelta(Delta):
     """Per-site frod_lambda_l (in) and frod_lambda_s_values (nnz); U and lambda_0 are derived buffers."""
 
     commutes = True  # additive in weight space
+    # Alone at its site, trained, and over the very weight it decomposed (no merge or load has written it
+    # since: its in-place version counter is unchanged), the output is U (S + diag lambda) V^T x + b: two
+    # products, as PEFT computes it, instead of W x + b plus the update (three). Otherwise base + update.
+    fuses_base = True
 
     def __init__(self, base: nn.Module, config: FrodConfig, path: str, bank: FrodBank | None = None) -> None:
         super().__init__(base, config, path, bank)
@@ -206,6 +210,7 @@ class FrodDelta(Delta):
         dtype, device = self.frod_lambda_l.dtype, self.frod_lambda_l.device
         self.U = u.to(device=device, dtype=dtype)
         self.lambda_0 = norms.to(device=device, dtype=dtype)
+        self._weight_version = self.base.weight._version  # W = U diag(lambda_0) V^T holds for this version
 
     def _mix(self, z: torch.Tensor) -> torch.Tensor:
         """z (S + diag(lambda - lambda_0))^T for rows z in the basis V. S is a sparse (in, in) matrix whose
@@ -225,6 +230,19 @@ class FrodDelta(Delta):
         h = self.dropout(x.to(v.dtype))
         out = self._mix(h @ v) @ self.U.T
         return base_out + out.to(base_out.dtype)
+
+    def fused_call(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            return None  # the base reads x, the update dropout(x)
+        if self.base.weight._version != self._weight_version:
+            return None  # the weight was written since it was decomposed (a merge, a load)
+        if torch.equal(self.frod_lambda_l, self.lambda_0) and not bool(self.frod_lambda_s_values.any()):
+            return None  # untrained: the base output exactly
+        v = self.bank.tensors(self.category)[0]
+        z = x.to(v.dtype) @ v
+        out = (self._mix(z) + z * self.lambda_0.to(z.dtype)) @ self.U.T
+        bias = self.base.bias
+        return (out if bias is None else out + bias.to(out.dtype)).to(x.dtype)
 
     def delta_weight(self) -> dict[str, torch.Tensor]:
         v = self.bank.tensors(self.category)[0]
