@@ -100,7 +100,9 @@ class Delta(nn.Module):
         """The site's output, base layer included, for input `x`; None: use the plain path.
 
         Core calls it (for classes with `fuses_base`) when this is the only delta applied at its
-        site and the base is called with `x` alone. It must equal `forward(x, base(x))`."""
+        site and the base is called with `x` alone. It must equal what the site computes with this
+        delta alone (`forward(x, base(x))` for an output delta; the base with `weight_overrides` for
+        a weight delta), up to rounding."""
         return None
 
     def pre(self, x: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,14 @@ def is_matrix_layer(module: nn.Module) -> bool:
     return isinstance(module, MATRIX_LAYERS)
 
 
+def callable_as_linear(module: nn.Module, x: torch.Tensor) -> bool:
+    """True when a delta may compute `module(x)` itself as F.linear(x, weight, bias): a plain float
+    nn.Linear at x's dtype, without hooks, autocast or tracing (any of which the direct call would skip)."""
+    return (type(module) is nn.Linear and module.weight.dtype == x.dtype and x.dtype.is_floating_point
+            and not module._forward_hooks and not module._forward_pre_hooks
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type))
+
+
 def geometry(module: nn.Module) -> Geometry:
     """The geometry of a supported layer; TargetError for any other module."""
     if is_quantized(module):

@@ -125,7 +125,7 @@ class AdaptedSite(nn.Module):
     def _resolve(self) -> None:
         active = self._active()
         self._inputs, self._weights, self._outputs = self._by_kind(active)
-        only = self._outputs[0] if len(active) == 1 and self._outputs else None
+        only = active[0] if len(active) == 1 else None
         # A plain attribute: assigned normally, the delta would become a second child module
         # (twice in state_dict, and a change of the module tree that compiled guards check).
         object.__setattr__(self, "_fused", only if only is not None and type(only).fuses_base else None)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...core import layers
@@ -70,11 +71,14 @@ class _Vector(nn.Module):
 class OFTDelta(OrthogonalDelta):
     """OFT on a Linear, Conv2d (groups 1, dilation 1) or Embedding (see the module docstring)."""
 
+    fuses_base = True
+
     def __init__(self, base: nn.Module, config: OFTConfig, path: str, bank=None) -> None:
         super().__init__(base, config, path, bank)
         width = rotated_width(base, "OFTConfig", path, refuse_dilation=True)
         self.blocks, self.block_size = split(width, config.r, config.oft_block_size, "OFTConfig", _SIZES, path)
         self.embedding = layers.geometry(base).kind == "embedding"
+        self.out_rows = base.weight.shape[0]
         self.block_share = config.block_share
         self.coft, self.eps = config.coft, config.eps
         self.neumann, self.terms = config.use_cayley_neumann, config.num_cayley_neumann_terms
@@ -132,6 +136,19 @@ class OFTDelta(OrthogonalDelta):
     def rotation(self) -> torch.Tensor:
         """The full block-diagonal matrix R, (width, width), as merged (no dropout)."""
         return torch.block_diag(*self.rotation_blocks())
+
+    def fused_call(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A Linear's output with the input rotated, base(x R) (PEFT's way), when that is cheaper than
+        the base with W R^T: always while training (the weight path forms an (out, in) gradient of
+        W R^T, the input path only token-by-block products), and when there are fewer tokens than outputs."""
+        base = self.base
+        if self.embedding or not layers.callable_as_linear(base, x) or self.vector.dtype != x.dtype:
+            return None
+        if not (torch.is_grad_enabled() and self.vector.requires_grad) and x.numel() // x.shape[-1] >= self.out_rows:
+            return None
+        r = self.rotation_blocks(self.training)
+        rotated = torch.einsum("...bi,bij->...bj", x.reshape(*x.shape[:-1], self.blocks, self.block_size), r)
+        return F.linear(rotated.reshape(x.shape), base.weight, base.bias)
 
     def transform(self, rows: torch.Tensor, dropout: bool) -> torch.Tensor:
         r = self.rotation_blocks(dropout)

@@ -142,6 +142,13 @@ class TinyLoraDelta(_TinyLora, FactorDelta):
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.mix() @ self.tinylora_A, self.tinylora_B
 
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        # x A^T R^T B^T left to right: the frozen A and B see activations only, so no (r, in) product
+        # R A (and its gradient) is formed per step.
+        a = self.tinylora_A
+        h = F.linear(F.linear(F.linear(self.dropout(x.to(a.dtype)), a), self.mix()), self.tinylora_B)
+        return base_out + h.to(base_out.dtype)
+
 
 class TinyLoraEmbedding(_TinyLora, Delta):
     """TinyLoRA on an Embedding: out = W[ids] + dropout(B[ids]) R A."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...core.config import AdapterConfig
@@ -85,6 +86,12 @@ class VeraDelta(FactorDelta):
         a = self.bank.vera_A[:, :self.in_features] * self.vera_lambda_d[:, None]
         b = self.bank.vera_B[:self.out_features] * self.vera_lambda_b[:, None]
         return a, b
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        # The vectors scale activations, not the frozen bases: no (r, in) / (out, r) gradient is formed.
+        a, b = self.bank.vera_A[:, :self.in_features], self.bank.vera_B[:self.out_features]
+        h = F.linear(self.dropout(x.to(a.dtype)), a) * self.vera_lambda_d
+        return base_out + (F.linear(h, b) * self.vera_lambda_b).to(base_out.dtype)
 
 
 register("vera", VeraConfig, VeraDelta, Capabilities(mergeable=True, mixed_batch=True, layer_types=LAYERS,

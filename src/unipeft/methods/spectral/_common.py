@@ -68,6 +68,7 @@ class DenseDelta(Delta):
     Merging adds dW in the layer's storage layout (transposed for GPT-2's Conv1D)."""
 
     commutes = True  # additive in weight space
+    fuses_base = True
 
     def __init__(self, base: nn.Module, config, path: str, bank=None) -> None:
         super().__init__(base, config, path, bank)
@@ -77,6 +78,19 @@ class DenseDelta(Delta):
     def matrix(self) -> torch.Tensor:  # pragma: no cover - abstract
         """The update dW as a dense (out, in) matrix."""
         raise NotImplementedError
+
+    def composed_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """W + dW for the base weight W (out, in): the weight `fused_call` multiplies by."""
+        return weight + self.matrix().to(weight.dtype)
+
+    def fused_call(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x (W + dW)^T + b as one product: a matmul fewer than base(x) + x dW^T, forward and backward
+        (the input gradient). Only this class's own forward is fused: a subclass with another forward
+        (dropout on the input, a second term) keeps the plain path unless it fuses itself."""
+        base = self.base
+        if type(self).forward is not DenseDelta.forward or not layers.callable_as_linear(base, x):
+            return None
+        return F.linear(x, self.composed_weight(base.weight), base.bias)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         dw = self.matrix()

@@ -71,11 +71,18 @@ class ShiraDelta(DenseDelta):
         self.shira_weight = nn.Parameter(torch.zeros(k) if config.init_weights else torch.randn(k))
         self.identity_at_init = bool(config.init_weights)
 
-    def matrix(self) -> torch.Tensor:
+    def _add_to(self, weight: torch.Tensor) -> torch.Tensor:
         values = self.shira_weight
         rows, cols = self.shira_indices.to(device=values.device, dtype=torch.int64)
-        dense = torch.zeros(self.out_features, self.in_features, dtype=values.dtype, device=values.device)
-        return dense.index_put((rows, cols), values, accumulate=True)
+        return weight.index_put((rows, cols), values.to(weight.dtype), accumulate=True)
+
+    def matrix(self) -> torch.Tensor:
+        w = self.shira_weight
+        return self._add_to(torch.zeros(self.out_features, self.in_features, dtype=w.dtype, device=w.device))
+
+    def composed_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """W with the K values added at their positions (no dense dW in between)."""
+        return self._add_to(weight)
 
     def import_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Refuse stored indices outside the weight before anything is written."""

@@ -110,12 +110,30 @@ class SupertuningDelta(DenseDelta):
                 else nn.Identity()
         self.identity_at_init = bool(config.init_weights)
 
-    def sparse_matrix(self) -> torch.Tensor:
-        """The sparse part of dW as a dense (out, in) matrix (repeated positions add up)."""
+    def _scatter_into(self, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` (out, in) with the values added at the support (repeated positions add up)."""
         values = self.supertuning_values
-        flat = torch.zeros(self.out_features * self.in_features, dtype=values.dtype, device=values.device)
-        flat = flat.scatter_add(0, self.supertuning_indices.to(device=values.device, dtype=torch.int64), values)
-        return flat.view(self.out_features, self.in_features)
+        idx = self.supertuning_indices.to(device=values.device, dtype=torch.int64)
+        return weight.reshape(-1).scatter_add(0, idx, values.to(weight.dtype)).view(weight.shape)
+
+    def sparse_matrix(self) -> torch.Tensor:
+        """The sparse part of dW as a dense (out, in) matrix."""
+        v = self.supertuning_values
+        return self._scatter_into(torch.zeros(self.out_features, self.in_features, dtype=v.dtype, device=v.device))
+
+    def fused_call(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The sparse part scattered into W, one product (PEFT's way), then the LoRA pair on top."""
+        base = self.base
+        if not layers.callable_as_linear(base, x):
+            return None
+        return self._lora_on(x, F.linear(x, self._scatter_into(base.weight), base.bias))
+
+    def _lora_on(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if not self.r:
+            return out
+        a = self.supertuning_lora_A
+        h = self.supertuning_lora_dropout(x.to(a.weight.dtype))
+        return out + (self.scaling * self.supertuning_lora_B(a(h))).to(out.dtype)
 
     def matrix(self) -> torch.Tensor:
         dw = self.sparse_matrix()
@@ -125,12 +143,7 @@ class SupertuningDelta(DenseDelta):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         sparse = self.sparse_matrix()
-        out = base_out + F.linear(x.to(sparse.dtype), sparse).to(base_out.dtype)
-        if self.r:
-            a = self.supertuning_lora_A
-            h = self.supertuning_lora_dropout(x.to(a.weight.dtype))
-            out = out + (self.scaling * self.supertuning_lora_B(a(h))).to(out.dtype)
-        return out
+        return self._lora_on(x, base_out + F.linear(x.to(sparse.dtype), sparse).to(base_out.dtype))
 
     def import_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Refuse stored indices that are not whole numbers inside the weight before anything is written."""
