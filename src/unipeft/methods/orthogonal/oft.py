@@ -110,15 +110,16 @@ class OFTDelta(OrthogonalDelta):
     def _neumann(self, q: torch.Tensor) -> torch.Tensor:
         """PEFT's truncated series for the Cayley map: I + 2Q + 2Q^2 + ... + Q^(n-1) (n terms)."""
         k, n = self.block_size, self.terms
-        out = torch.eye(k, device=q.device, dtype=q.dtype).repeat(q.shape[0], 1, 1)
-        if n > 1:
-            out = out + 2.0 * q
+        eye = torch.eye(k, device=q.device, dtype=q.dtype)
+        if n <= 1:
+            return eye.repeat(q.shape[0], 1, 1)
+        out = torch.add(eye, q, alpha=2.0)  # one fused op per term (x + 2y), as PEFT's in-place add_
         if n > 2:
             power = torch.bmm(q, q)
-            out = out + 2.0 * power
+            out = out.add(power, alpha=2.0)
             for _ in range(3, n - 1):
                 power = torch.bmm(power, q)
-                out = out + 2.0 * power
+                out = out.add(power, alpha=2.0)
             out = out + torch.bmm(power, q)
         return out
 
