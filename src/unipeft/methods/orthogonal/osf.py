@@ -99,6 +99,33 @@ class _Project(torch.autograd.Function):
         return (grad - proj if ctx.complement else proj), None, None, None
 
 
+class _LowChange(torch.autograd.Function):
+    """x (U S V - U0 S0 V0)^T. Forward: the two rank-r products apart, so that at init (equal factors)
+    the change is exactly 0. Backward: the input gradient through both halves as one rank-2r pair,
+    g [U S, -U0 S0] [V; V0] (two products instead of four and a sum; gradients need no exactness)."""
+
+    @staticmethod
+    def forward(ctx, x, u, s, v, u0s0, v0):
+        h = x @ v.t()
+        ctx.save_for_backward(x, h, u, s, v, u0s0, v0)
+        return h @ (u * s.unsqueeze(0)).t() - (x @ v0.t()) @ u0s0.t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, h, u, s, v, u0s0, v0 = ctx.saved_tensors
+        r, us = v.shape[0], u * s.unsqueeze(0)
+        g, x2, h2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]), h.reshape(-1, r)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            gh = g @ torch.cat([us, -u0s0], dim=1)
+            grad_x = (gh @ torch.cat([v, v0])).reshape(x.shape)
+            gh = gh[:, :r]
+        else:
+            gh = g @ us
+        g_us = g.t() @ h2
+        return grad_x, g_us * s.unsqueeze(0), (g_us * u).sum(0), gh.t() @ x2, None, None
+
+
 class OSFDelta(Delta):
     """OSF on a Linear (see the module docstring)."""
 
@@ -147,16 +174,10 @@ class OSFDelta(Delta):
             v = _Project.apply(p["V_low"], self.V_low_init, False, False)
         return u, p["S_low"], v
 
-    @staticmethod
-    def _low_out(x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """x (U S V)^T through the rank-r factors."""
-        return (x @ v.t()) @ (u * s.unsqueeze(0)).t()
-
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         u, s, v = self._trained()
-        h = x.to(u.dtype)
-        change = self._low_out(h, u, s, v) - self._low_out(h, self.U_low_init, self.S_low_init, self.V_low_init)
-        return (base_out + change).to(base_out.dtype)
+        u0s0 = self.U_low_init * self.S_low_init.unsqueeze(0)
+        return (base_out + _LowChange.apply(x.to(u.dtype), u, s, v, u0s0, self.V_low_init)).to(base_out.dtype)
 
     def delta_weight(self) -> dict[str, torch.Tensor]:
         p = self.osf_svd_params
