@@ -12,13 +12,14 @@ from .core.compose import Average, BatchSplit, Block, Parallel, Split, Stack
 from .core.hooks import TrainContext, TrainerCallback, TrainingHooks
 from .core.registry import public_names as _public_names
 from .kg import calibrator as _calibrator  # noqa: F401  (registers CQD^A, whose base layer is kg's)
+from .merge import atlas_merge, merge_adapters
 
 __version__ = "0.1.0"
 
 __all__ = ["BASE_HOLDS_RESIDUAL", "calibration_data", "Average", "BatchSplit", "Block", "Parallel", "Split", "Stack",
            "AdaptedModel", "AdapterConfig", "AdapterLoadError", "Bank", "Capabilities", "ConfigError", "Delta",
            "MergeError", "TargetError", "TrainContext", "TrainerCallback", "TrainingHooks", "UnipeftError", "adapt", "capability_table", "get_method",
-           "public_methods", "register", "trainable_report"]
+           "public_methods", "register", "trainable_report", "merge_adapters", "atlas_merge"]
 
 
 def _export_methods() -> None:

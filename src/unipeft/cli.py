@@ -19,6 +19,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("unipeft.train.cli_generate", "stream completions of prompts with a causal LM run or adapter folder"),
     "info": ("unipeft.train.cli_info", "trainable-parameter report of a config applied to its model, no training"),
     "report": ("unipeft.train.cli_report", "draw a run's metrics.jsonl (loss, learning rate, valid metrics) as a PNG"),
+    "merge": ("unipeft.merge.cli", "merge adapters or full checkpoints from a mergekit-style YAML (TIES, DARE, SVD, ...)"),
+    "compress": ("unipeft.compress.cli_compress", "ComPEFT: sparsify an adapter and store it as bit-packed ternary"),
+    "extract-lora": ("unipeft.compress.cli_extract", "a LoRA adapter (PEFT format) from a full fine-tune, by SVD"),
     "kg": ("unipeft.kg.cli", "complex query answering over knowledge graphs (CQD, CQD^A) on UMLS/Kinships/Nations"),
 }
 

@@ -61,9 +61,20 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'unipeft.compat' has no attribute {name!r}")
 
 
+class PeftCompatModel(AdaptedModel):
+    """The AdaptedModel that get_peft_model and PeftModel.from_pretrained return, with PEFT's
+    LoraModel-level methods."""
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", **kwargs: Any) -> None:
+        """PEFT's add_weighted_adapter for LoRA adapters (see unipeft.merge.peft_compat)."""
+        from .merge.peft_compat import add_weighted_adapter
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
+
+
 def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default") -> AdaptedModel:
     """Like peft.get_peft_model: adapt `model`, training the task's head too (SEQ_CLS)."""
-    return AdaptedModel(model, apply_task_type(peft_config), adapter_name)
+    return PeftCompatModel(model, apply_task_type(peft_config), adapter_name)
 
 
 class PeftModel:
@@ -73,7 +84,7 @@ class PeftModel:
     def from_pretrained(model: nn.Module, model_id: str, adapter_name: str = "default",
                         is_trainable: bool = False, **_: Any) -> AdaptedModel:
         """Load a PEFT (or unipeft) adapter folder onto `model`."""
-        return AdaptedModel.from_pretrained(model, model_id, adapter_name, is_trainable)
+        return PeftCompatModel.from_pretrained(model, model_id, adapter_name, is_trainable)
 
 
 def prepare_model_for_compiled_hotswap(model: AdaptedModel, *, target_rank: int | None = None, **_: Any) -> None:
@@ -88,5 +99,5 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str, adapter_name: str
     _hotswap.hotswap_adapter(model, model_name_or_path, adapter_name)
 
 
-__all__ = sorted(["PeftModel", "TaskType", "config_factories", "get_peft_model", "hotswap_adapter",
-                  "prepare_model_for_compiled_hotswap", *config_factories()])
+__all__ = sorted(["PeftCompatModel", "PeftModel", "TaskType", "config_factories", "get_peft_model",
+                  "hotswap_adapter", "prepare_model_for_compiled_hotswap", *config_factories()])

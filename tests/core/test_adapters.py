@@ -89,7 +89,7 @@ def test_set_adapter_unknown_name_raises_and_keeps_the_active_set():
 
 def test_invalid_adapter_names_raise():
     adapted = _mlp(("a", up.LoraConfig(r=2, target_modules=["fc1"])))
-    for bad in ("", "x.y", BASE_NAME, "a"):
+    for bad in ("", "x.y", BASE_NAME, "a", "half", "to", "forward"):
         with pytest.raises(up.ConfigError):
             adapted.add_adapter(bad, up.LoraConfig(r=2, target_modules=["fc1"]))
     assert sorted(adapted.peft_config) == ["a"]

@@ -117,9 +117,10 @@ class AdaptedModel(nn.Module):
         copied, resolved against the model and frozen: the object passed in is never written."""
         if not isinstance(config, AdapterConfig):
             raise ConfigError(f"expected an AdapterConfig (e.g. up.LoraConfig), got {type(config).__name__}")
-        if not adapter_name or "." in adapter_name or adapter_name == BASE_NAME:
-            raise ConfigError(f"adapter name {adapter_name!r} is invalid: use a non-empty name without '.' "
-                              f"other than {BASE_NAME!r}")
+        if (not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == BASE_NAME
+                or hasattr(nn.Module, adapter_name)):  # a ModuleDict key may not shadow a Module attribute
+            raise ConfigError(f"adapter name {adapter_name!r} is invalid: use a non-empty name without '.', other "
+                              f"than {BASE_NAME!r} and the attributes of torch modules ('to', 'half', ...)")
         if adapter_name in self.peft_config:
             raise ConfigError(f"adapter '{adapter_name}' already exists; delete_adapter() it first")
         with self.disable_adapters():  # inits and calibration see the original base, whatever is active
