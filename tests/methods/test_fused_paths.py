@@ -86,3 +86,19 @@ def test_oft_takes_the_input_path_only_where_it_is_cheaper():
     with torch.no_grad():
         assert delta.fused_call(x) is not None  # 6 tokens < out features (32)
         assert delta.fused_call(torch.randn(64, delta.base.in_features)) is None
+
+
+def test_osf_training_form_equals_the_exact_form():
+    """OSF's rank-2r training product against its exact two-product form (no gradient taken)."""
+    model = up.adapt(build("bert"), up.OSFConfig(effective_rank=28, target_modules=["query", "value"])).eval()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.5)
+    batch = inputs("bert")
+    with torch.no_grad():
+        exact = model(**batch).logits
+    trained = model(**batch).logits  # gradients wanted: the rank-2r form
+    assert trained.requires_grad and (exact - build("bert")(**batch).logits).abs().max() > 1e-4
+    torch.testing.assert_close(trained.detach(), exact, atol=1e-6, rtol=1e-5)

@@ -12,8 +12,9 @@ share of min(out, in); `rank_pattern` overrides it per module, the first regex f
 path winning, as PEFT matches). The layer's output is W x + (U_l S_l V_l - U_l0 S_l0 V_l0) x, with the
 low triplets as taken at build time kept as frozen buffers (rebuilt from the base weight on load, never
 saved): the base weight itself is not edited, the update is an additive output delta, and at init
-(`init_weights=True`) both low products are computed alike, so it is exactly zero. `init_weights=False`
-draws the trained triplets from a normal distribution (PEFT's test init).
+(`init_weights=True`) both low products are computed alike, so it is exactly zero where no gradient is
+taken; a training forward computes it as PEFT does, one rank-2r product (zero up to rounding at init).
+`init_weights=False` draws the trained triplets from a normal distribution (PEFT's test init).
 
 Unlike PEFT (whose OSF layer applies only the first active adapter and cannot unmerge), every active
 adapter applies and unmerge subtracts the merged delta. Linear layers only; target_modules is required.
@@ -100,15 +101,23 @@ class _Project(torch.autograd.Function):
 
 
 class _LowChange(torch.autograd.Function):
-    """x (U S V - U0 S0 V0)^T. Forward: the two rank-r products apart, so that at init (equal factors)
-    the change is exactly 0. Backward: the input gradient through both halves as one rank-2r pair,
-    g [U S, -U0 S0] [V; V0] (two products instead of four and a sum; gradients need no exactness)."""
+    """x (U S V - U0 S0 V0)^T. Forward with `exact`: the two rank-r products apart, so that at init
+    (equal factors) the change is exactly 0; else as one rank-2r pair x [V; V0]^T [U S, -U0 S0]^T
+    (PEFT's form: two products instead of four, equal up to rounding). Backward: the input gradient
+    through the rank-2r pair either way."""
 
     @staticmethod
-    def forward(ctx, x, u, s, v, u0s0, v0):
-        h = x @ v.t()
+    def forward(ctx, x, u, s, v, u0s0, v0, exact):
+        us = u * s.unsqueeze(0)
+        if exact:
+            h = x @ v.t()
+            out = h @ us.t() - (x @ v0.t()) @ u0s0.t()
+        else:
+            h = x @ torch.cat([v, v0]).t()
+            out = h @ torch.cat([us, -u0s0], dim=1).t()
+            h = h[..., :v.shape[0]]
         ctx.save_for_backward(x, h, u, s, v, u0s0, v0)
-        return h @ (u * s.unsqueeze(0)).t() - (x @ v0.t()) @ u0s0.t()
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -123,7 +132,7 @@ class _LowChange(torch.autograd.Function):
         else:
             gh = g @ us
         g_us = g.t() @ h2
-        return grad_x, g_us * s.unsqueeze(0), (g_us * u).sum(0), gh.t() @ x2, None, None
+        return grad_x, g_us * s.unsqueeze(0), (g_us * u).sum(0), gh.t() @ x2, None, None, None
 
 
 class OSFDelta(Delta):
@@ -176,8 +185,11 @@ class OSFDelta(Delta):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         u, s, v = self._trained()
+        # Exact where no gradient is taken (inference, checks of the identity); PEFT's cheaper form in training.
+        exact = not (torch.is_grad_enabled() and self.osf_svd_params["S_low"].requires_grad)
         u0s0 = self.U_low_init * self.S_low_init.unsqueeze(0)
-        return (base_out + _LowChange.apply(x.to(u.dtype), u, s, v, u0s0, self.V_low_init)).to(base_out.dtype)
+        change = _LowChange.apply(x.to(u.dtype), u, s, v, u0s0, self.V_low_init, exact)
+        return (base_out + change).to(base_out.dtype)
 
     def delta_weight(self) -> dict[str, torch.Tensor]:
         p = self.osf_svd_params
