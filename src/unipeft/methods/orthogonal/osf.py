@@ -78,26 +78,12 @@ class OSFConfig(AdapterConfig):
         return {"effective_rank": 1}
 
 
-class _Project(torch.autograd.Function):
-    """Identity forward; backward projects the parameter's gradient g. `basis` spans a subspace by its
-    columns (`left`: (n, k), g -> P g) or by its rows ((k, n), g -> g P); P is the projection onto that
-    subspace, or onto its orthogonal complement with `complement` (a PEFT gradient hook, as a function
-    of the graph: it survives copies and saving, and acts on the same summed gradient)."""
-
-    @staticmethod
-    def forward(ctx, param, basis, complement, left):
-        ctx.save_for_backward(basis)
-        ctx.complement, ctx.left = complement, left
-        return param.view_as(param)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (basis,) = ctx.saved_tensors
-        if ctx.left:  # basis (n, k): its columns span the subspace
-            proj = basis @ (basis.t() @ grad)
-        else:  # basis (k, n): its rows span it
-            proj = (grad @ basis.t()) @ basis
-        return (grad - proj if ctx.complement else proj), None, None, None
+def _project(grad: torch.Tensor, basis: torch.Tensor, complement: bool, left: bool) -> torch.Tensor:
+    """A parameter's gradient projected (PEFT's gradient hook): `basis` spans a subspace by its columns
+    (`left`: (n, k), g -> P g) or by its rows ((k, n), g -> g P); P projects onto that subspace, or onto
+    its orthogonal complement with `complement`."""
+    proj = basis @ (basis.t() @ grad) if left else (grad @ basis.t()) @ basis
+    return grad - proj if complement else proj
 
 
 class _LowChange(torch.autograd.Function):
@@ -107,7 +93,7 @@ class _LowChange(torch.autograd.Function):
     through the rank-2r pair either way."""
 
     @staticmethod
-    def forward(ctx, x, u, s, v, u0s0, v0, exact):
+    def forward(ctx, x, u, s, v, u0s0, v0, u_basis, v_basis, complements, exact):
         us = u * s.unsqueeze(0)
         if exact:
             h = x @ v.t()
@@ -116,12 +102,13 @@ class _LowChange(torch.autograd.Function):
             h = x @ torch.cat([v, v0]).t()
             out = h @ torch.cat([us, -u0s0], dim=1).t()
             h = h[..., :v.shape[0]]
-        ctx.save_for_backward(x, h, u, s, v, u0s0, v0)
+        ctx.save_for_backward(x, h, u, s, v, u0s0, v0, u_basis, v_basis)
+        ctx.complements = complements
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, h, u, s, v, u0s0, v0 = ctx.saved_tensors
+        x, h, u, s, v, u0s0, v0, u_basis, v_basis = ctx.saved_tensors
         r, us = v.shape[0], u * s.unsqueeze(0)
         g, x2, h2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]), h.reshape(-1, r)
         grad_x = None
@@ -132,7 +119,10 @@ class _LowChange(torch.autograd.Function):
         else:
             gh = g @ us
         g_us = g.t() @ h2
-        return grad_x, g_us * s.unsqueeze(0), (g_us * u).sum(0), gh.t() @ x2, None, None, None
+        u_comp, v_comp = ctx.complements
+        grad_u = _project(g_us * s.unsqueeze(0), u_basis, u_comp, True)
+        grad_v = _project(gh.t() @ x2, v_basis, v_comp, False)
+        return grad_x, grad_u, (g_us * u).sum(0), grad_v, None, None, None, None, None, None
 
 
 class OSFDelta(Delta):
@@ -155,6 +145,7 @@ class OSFDelta(Delta):
         self.effective_rank = k
         for name, t in zip(("U_low_init", "S_low_init", "V_low_init"), low):
             self.register_buffer(name, t.clone(), persistent=False)
+        self.register_buffer("US_low_init", low[0] * low[1].unsqueeze(0), persistent=False)  # used every step
         # Projection bases: the trained low factor's complement when the factor is square (exact), else
         # the frozen high factor (the low one then misses the null space), as PEFT chooses.
         self._u_from_high = out_f > in_f
@@ -170,31 +161,22 @@ class OSFDelta(Delta):
                                                 zip(("U_low", "S_low", "V_low"), low)})
         self.identity_at_init = not random_init
 
-    def _trained(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(U_l, S_l, V_l) with the gradient projections of U_l and V_l attached."""
-        p = self.osf_svd_params
-        if self._u_from_high:
-            u = _Project.apply(p["U_low"], self.U_high, True, True)
-        else:
-            u = _Project.apply(p["U_low"], self.U_low_init, False, True)
-        if self._v_from_high:
-            v = _Project.apply(p["V_low"], self.V_high, True, False)
-        else:
-            v = _Project.apply(p["V_low"], self.V_low_init, False, False)
-        return u, p["S_low"], v
-
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        u, s, v = self._trained()
+        p = self.osf_svd_params
+        # The gradient projections live in _LowChange's backward: the trained low factor's complement
+        # when the factor is square (exact), else the frozen high factor, as PEFT chooses.
+        u_basis = self.U_high if self._u_from_high else self.U_low_init
+        v_basis = self.V_high if self._v_from_high else self.V_low_init
         # Exact where no gradient is taken (inference, checks of the identity); PEFT's cheaper form in training.
-        exact = not (torch.is_grad_enabled() and self.osf_svd_params["S_low"].requires_grad)
-        u0s0 = self.U_low_init * self.S_low_init.unsqueeze(0)
-        change = _LowChange.apply(x.to(u.dtype), u, s, v, u0s0, self.V_low_init, exact)
+        exact = not (torch.is_grad_enabled() and p["S_low"].requires_grad)
+        change = _LowChange.apply(x.to(p["U_low"].dtype), p["U_low"], p["S_low"], p["V_low"], self.US_low_init,
+                                  self.V_low_init, u_basis, v_basis, (self._u_from_high, self._v_from_high), exact)
         return (base_out + change).to(base_out.dtype)
 
     def delta_weight(self) -> dict[str, torch.Tensor]:
         p = self.osf_svd_params
         current = (p["U_low"] * p["S_low"].unsqueeze(0)) @ p["V_low"]
-        initial = (self.U_low_init * self.S_low_init.unsqueeze(0)) @ self.V_low_init
+        initial = self.US_low_init @ self.V_low_init
         return {"weight": (current - initial).to(self.base.weight.dtype)}
 
 
