@@ -201,7 +201,7 @@ def _add_r2(model):
 BAD = [
     ("different methods", _add_ia3, dict(sources=["a", "ia3"]), r"one method; 'a' is lora, 'ia3' is ia3"),
     ("other config", _add_r2, dict(sources=["a", "r2"]), r"differ in config fields \['r'\]"),
-    ("unknown source", None, dict(sources=["a", "nope"]), r"source 'nope' is not an adapter.*\['a', 'b'\]"),
+    ("unknown source", None, dict(sources=["a", "nope"]), r"'nope' is not an adapter.*\['a', 'b'\]"),
     ("duplicate source", None, dict(sources=["a", "a"]), "more than once"),
     ("sources as a string", None, dict(sources="ab"), "non-empty list of adapter names"),
     ("no sources", None, dict(sources=[]), "non-empty list of adapter names"),
@@ -215,6 +215,10 @@ BAD = [
 ]
 
 
+# Sources that are not a list of this model's adapter names: the ConfigError of every merge's checks.
+NOT_NAMES = {k: up.ConfigError for k in ("unknown source", "duplicate source", "sources as a string", "no sources")}
+
+
 @pytest.mark.parametrize("what,setup,kwargs,message", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_raises_and_leaves_the_model_unchanged(what, setup, kwargs, message):
     model = _model()
@@ -222,7 +226,7 @@ def test_bad_input_raises_and_leaves_the_model_unchanged(what, setup, kwargs, me
         setup(model)
     snap = _snapshot(model)
     args = {"sources": ["a", "b"], "batches": _batches(7, 2), **kwargs}
-    with pytest.raises(up.MergeError, match=message):
+    with pytest.raises(NOT_NAMES.get(what, up.MergeError), match=message):
         atlas_merge(model, args.pop("sources"), args.pop("batches"), **args)
     _assert_unchanged(model, snap)
 

@@ -73,7 +73,7 @@ def check_new_name(model, name: str | None, base: str = "merged") -> str:
     return name
 
 
-def _parts(model, adapter: str) -> dict:
+def parts(model, adapter: str) -> dict:
     """{site path: delta} of an adapter, plus {"bank": its shared module} when it has one."""
     out = {d.path: d for d in model.deltas(adapter)}
     if adapter in model.banks:
@@ -86,11 +86,11 @@ def _fields(model, adapter: str, free: tuple[str, ...] = ()) -> dict:
     return {k: v for k, v in data.items() if k not in _FREE_FIELDS + free}
 
 
-def _check_same(model, sources: Sequence[str], free: tuple[str, ...] = (), shapes: bool = True) -> None:
+def check_same(model, sources: Sequence[str], free: tuple[str, ...] = (), shapes: bool = True) -> None:
     """MergeError unless the sources share method, config (but `free`), sites, tensor shapes and buffers."""
     first = sources[0]
     method = type(model.peft_config[first]).method
-    ref_fields, ref = _fields(model, first, free), _parts(model, first)
+    ref_fields, ref = _fields(model, first, free), parts(model, first)
     for s in sources[1:]:
         if type(model.peft_config[s]).method != method:
             raise MergeError(f"sources: parameter-space merges need one method; {first!r} is {method}, "
@@ -100,24 +100,24 @@ def _check_same(model, sources: Sequence[str], free: tuple[str, ...] = (), shape
         if diff:
             raise MergeError(f"sources: {first!r} and {s!r} differ in config fields {diff}; parameter-space "
                              f"merges need one config")
-        parts = _parts(model, s)
-        if sorted(parts) != sorted(ref):
-            raise MergeError(f"sources: {first!r} sits at {sorted(ref)}, {s!r} at {sorted(parts)}; they must "
+        theirs = parts(model, s)
+        if sorted(theirs) != sorted(ref):
+            raise MergeError(f"sources: {first!r} sits at {sorted(ref)}, {s!r} at {sorted(theirs)}; they must "
                              f"cover the same modules")
         for where, mod in ref.items():
-            other = parts[where]
+            other = theirs[where]
             pa = {k: (tuple(v.shape), v.dtype) for k, v in mod.named_parameters()}
             pb = {k: (tuple(v.shape), v.dtype) for k, v in other.named_parameters()}
             if shapes and pa != pb:
                 raise MergeError(f"sources: at {where!r}, {first!r} has parameters {pa} but {s!r} has {pb}")
-            ba, bb = _buffers(mod), _buffers(other)
+            ba, bb = fixed_state(mod), fixed_state(other)
             if sorted(ba) != sorted(bb) or not all(ba[k].shape == bb[k].shape and torch.equal(ba[k], bb[k])
                                                    for k in ba):
                 raise MergeError(f"sources: at {where!r}, the fixed buffers {sorted(ba)} of {first!r} and {s!r} "
                                  f"differ; parameter-space merges need the same fixed state")
 
 
-def _buffers(module) -> dict[str, torch.Tensor]:
+def fixed_state(module) -> dict[str, torch.Tensor]:
     params = {n for n, _ in module.named_parameters()}
     return {k: v for k, v in module.state_dict().items() if k not in params}
 
@@ -173,14 +173,14 @@ def merge_parameters(model, sources: list[str], name: str, method: str, params: 
     """Parameter-space merge of same-method, same-config sources into `name` (config: the sources' own)."""
     if method == "cat":
         return _merge_cat(model, sources, name, weight_at, config)
-    _check_same(model, sources)
+    check_same(model, sources)
     generator = _generator(params)
     combine = ops.operator(operator_of(method), params, generator)
     new_config = config if config is not None else model.peft_config[sources[0]].replace()
-    per_source = [_parts(model, s) for s in sources]
+    per_source = [parts(model, s) for s in sources]
 
     def write() -> None:
-        target = _parts(model, name)
+        target = parts(model, name)
         for where in _site_order(model, target):
             mod = target[where]
             src = [dict(p[where].named_parameters()) for p in per_source]
@@ -189,7 +189,7 @@ def merge_parameters(model, sources: list[str], name: str, method: str, params: 
                 if not torch.isfinite(merged).all():
                     raise MergeError(f"method {method!r}: the merged {key!r} at {where!r} is not finite")
                 param.copy_(merged.to(param.dtype))
-            for key, value in _buffers(per_source[0][where]).items():
+            for key, value in fixed_state(per_source[0][where]).items():
                 mod.get_buffer(key).copy_(value)
 
     _build(model, name, new_config, write)
@@ -205,7 +205,7 @@ def _merge_cat(model, sources, name, weight_at: WeightFn, config=None, same_conf
             raise MergeError(f"sources: method 'cat' needs plain LoRA adapters; {s!r} is "
                              f"{type(cfg).method}{' with DoRA' if _is_lora(cfg) and cfg.use_dora else ''}")
     if same_config:
-        _check_same(model, sources, free=_CAT_FREE, shapes=False)
+        check_same(model, sources, free=_CAT_FREE, shapes=False)
     elif len({frozenset(d.path for d in model.deltas(s)) for s in sources}) != 1:
         raise MergeError(f"sources: {list(sources)} must cover the same modules for method 'cat'")
     per_source = [{d.path: d for d in model.deltas(s)} for s in sources]
@@ -227,8 +227,8 @@ def _merge_cat(model, sources, name, weight_at: WeightFn, config=None, same_conf
             params = dict(delta.named_parameters())
             s_new = new_cfg.scaling(where)
             a_parts, b_parts = [], []
-            for s, w, parts in zip(sources, weight_at(where, a_key, list(sources)), per_source):
-                src = dict(parts[where].named_parameters())
+            for s, w, theirs in zip(sources, weight_at(where, a_key, list(sources)), per_source):
+                src = dict(theirs[where].named_parameters())
                 a_parts.append(src[a_key].detach() * w * model.peft_config[s].scaling(where) / s_new)
                 b_parts.append(src[b_key].detach())
             a, b = torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)

@@ -24,9 +24,9 @@ from torch.func import functional_call
 
 from ..core.calibration import LOADING
 from ..core.errors import MergeError
+from .adapters import check_same, check_sources, fixed_state, parts
 
 # Fields that do not change what the tensors mean: sources may differ in them.
-_FREE_FIELDS = ("inference_mode",)
 
 
 @dataclass
@@ -39,68 +39,11 @@ class _Block:
     taus: list[torch.Tensor]  # one detached copy per source, in the order of `sources`
 
 
-def _modules(model, adapter: str) -> dict[str, nn.Module]:
-    """{site path: delta} of an adapter, plus {"bank": its shared module} when it has one."""
-    out: dict[str, nn.Module] = {d.path: d for d in model.deltas(adapter)}
-    if adapter in model.banks:
-        out["bank"] = model.banks[adapter]
-    return out
-
-
-def _persistent_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
-    """State that is not a parameter (indices, fixed bases): sources must agree on it."""
-    params = {n for n, _ in module.named_parameters()}
-    return {k: v for k, v in module.state_dict().items() if k not in params}
-
-
-def _config_fields(model, adapter: str) -> dict:
-    data = model.peft_config[adapter].to_dict()
-    return {k: v for k, v in data.items() if k not in _FREE_FIELDS}
-
-
 def _check_sources(model, sources: Sequence[str]) -> None:
-    """MergeError unless the sources are distinct adapters of one method and config with equal layouts."""
-    if isinstance(sources, str) or not isinstance(sources, Sequence) or not sources:
-        raise MergeError(f"atlas_merge: sources must be a non-empty list of adapter names, got {sources!r}")
-    known = sorted(model.peft_config)
-    for s in sources:
-        if not isinstance(s, str) or s not in model.peft_config:
-            raise MergeError(f"atlas_merge: source {s!r} is not an adapter of this model; adapters: {known}")
-    if len(set(sources)) != len(sources):
-        raise MergeError(f"atlas_merge: sources {list(sources)} name an adapter more than once")
-    first = sources[0]
-    method = type(model.peft_config[first]).method
-    ref_fields, ref_mods = _config_fields(model, first), _modules(model, first)
-    for s in sources[1:]:
-        other = type(model.peft_config[s]).method
-        if other != method:
-            raise MergeError(f"atlas_merge: every source must use one method; '{first}' is {method}, '{s}' is "
-                             f"{other}")
-        fields = _config_fields(model, s)
-        diff = sorted(k for k in set(ref_fields) | set(fields) if ref_fields.get(k) != fields.get(k))
-        if diff:
-            raise MergeError(f"atlas_merge: sources '{first}' and '{s}' differ in config fields {diff}; aTLAS "
-                             f"combines adapters of one config")
-        mods = _modules(model, s)
-        if sorted(mods) != sorted(ref_mods):
-            raise MergeError(f"atlas_merge: '{first}' sits at {sorted(ref_mods)}, '{s}' at {sorted(mods)}; "
-                             f"sources must cover the same modules")
-        for where, mod in ref_mods.items():
-            _check_same_layout(where, first, mod, s, mods[where])
-
-
-def _check_same_layout(where: str, first: str, a: nn.Module, other: str, b: nn.Module) -> None:
-    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
-    shapes_a = {k: (tuple(v.shape), v.dtype) for k, v in pa.items()}
-    shapes_b = {k: (tuple(v.shape), v.dtype) for k, v in pb.items()}
-    if shapes_a != shapes_b:
-        raise MergeError(f"atlas_merge: at '{where}', '{first}' has parameters {shapes_a} but '{other}' has "
-                         f"{shapes_b}; sources need the same names, shapes and dtypes")
-    ba, bb = _persistent_buffers(a), _persistent_buffers(b)
-    same = sorted(ba) == sorted(bb) and all(ba[k].shape == bb[k].shape and torch.equal(ba[k], bb[k]) for k in ba)
-    if not same:
-        raise MergeError(f"atlas_merge: at '{where}', the fixed buffers {sorted(ba)} of '{first}' and '{other}' "
-                         f"differ; aTLAS combines parameters, so the sources must share their fixed state")
+    """The checks of parameter-space merges: distinct adapters of one method and config, equal layouts
+    and equal fixed state (aTLAS combines parameters only)."""
+    check_sources(model, sources)
+    check_same(model, sources)
 
 
 def _check_arguments(model, batches: list, steps: int, lr: float, loss_fn) -> None:
@@ -143,9 +86,9 @@ def _free_name(model, base: str = "atlas") -> str:
 def _blocks(model, name: str, sources: Sequence[str]) -> list[_Block]:
     """Every parameter of the new adapter, paired with the same parameter of each source."""
     full = {id(p): n for n, p in model.named_parameters()}
-    per_source = [_modules(model, s) for s in sources]
+    per_source = [parts(model, s) for s in sources]
     out, seen = [], set()
-    for where, mod in _modules(model, name).items():
+    for where, mod in parts(model, name).items():
         src_params = [dict(m[where].named_parameters()) for m in per_source]
         for pname, param in mod.named_parameters():
             if id(param) in seen:  # a parameter shared by several modules of the adapter is one block
@@ -247,8 +190,8 @@ def atlas_merge(model, sources: list[str], batches, *, name: str | None = None, 
         torch.manual_seed(seed)
         model.add_adapter(name, model.peft_config[sources[0]].replace(), calibration=LOADING)
     try:
-        for where, mod in _modules(model, name).items():  # fixed state comes from the sources (all equal)
-            src = _persistent_buffers(_modules(model, sources[0])[where])
+        for where, mod in parts(model, name).items():  # fixed state comes from the sources (all equal)
+            src = fixed_state(parts(model, sources[0])[where])
             with torch.no_grad():
                 for key, value in src.items():
                     mod.get_buffer(key).copy_(value)
