@@ -39,7 +39,7 @@ def env(tmp_path_factory):
 
 
 def idle(client) -> None:
-    """Wait until the engine runs nothing (a request cut by a stop string runs on to max_tokens)."""
+    """Wait until the engine runs nothing."""
     deadline = time.time() + 30
     while time.time() < deadline:
         text = client.get("/metrics").text
@@ -119,8 +119,15 @@ def test_stop_strings_and_min_tokens(env):
     words = full.split()
     assert len(words) >= 3
     stop = words[2]
-    out = complete(client, model="a", prompt=PROMPTS[2], max_tokens=12, min_tokens=12, stop=[stop, "zzzz"])
+    idle(client)
+    before = client.get("/metrics").text
+    out = complete(client, model="a", prompt=PROMPTS[2], max_tokens=40, min_tokens=40, stop=[stop, "zzzz"])
     assert out["choices"][0]["text"] == full[:full.find(stop)] and out["choices"][0]["finish_reason"] == "stop"
+    idle(client)
+    after = client.get("/metrics").text
+    # the match ended the request in the engine too: its slot did not run on to max_tokens
+    assert metric(after, "unipeft_engine_cancelled_total") - metric(before, "unipeft_engine_cancelled_total") == 1
+    assert metric(after, "unipeft_engine_tokens_total") - metric(before, "unipeft_engine_tokens_total") < 40
 
 
 def test_models_runtime_adapters_and_lru_reload(env):
@@ -176,6 +183,10 @@ def test_metrics_count_exactly_the_requests(env):
     assert metric(after, count) - metric(before, count) == 7
     assert "# TYPE unipeft_queue_length gauge" in after and "# TYPE unipeft_running_batch_size gauge" in after
     assert "# TYPE unipeft_batch_size histogram" in after
+    per = 'model="base"'  # the requests above name no model: the base answers
+    assert metric(after, "unipeft_model_requests_total", per) - metric(before, "unipeft_model_requests_total", per) == 6
+    assert (metric(after, "unipeft_model_generated_tokens_total", per)
+            - metric(before, "unipeft_model_generated_tokens_total", per)) == generated
 
 
 def test_health_page_and_unknown_paths(env):

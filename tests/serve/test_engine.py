@@ -289,3 +289,26 @@ def test_smollm2_chat_requests_on_two_adapters_equal_offline():
         assert toks == offline(m, req.adapter, req.prompt_ids, 8, eos_token_id=tok.eos_token_id)
     assert "paris" in tok.decode(results[2][0]).lower()
     assert max(eng.stats()["batch_sizes"]) == 6
+
+
+def test_weights_changed_by_a_job_between_steps_are_served(model, engine):
+    """While serving, mixed-batch caches key on the model's version (static_weights), which every job bumps."""
+    eng = engine()
+    prompt = [3, 1, 4, 1, 5]
+    before = [GenRequest(prompt, n, max_tokens=8) for n in ("a", "b")]
+    first = [collect(eng.submit(r))[0] for r in before]  # both in one mixed batch: stacks cached
+    held = model._ctx.static_weights
+    assert held >= 1
+    saved = [d.lora_B.weight.detach().clone() for d in model.deltas("a")]
+    try:
+        eng.run_exclusive(lambda: randomize(model, "a", 99))  # in place: no weight version is read while serving
+        again = [collect(eng.submit(r))[0] for r in before]
+        assert again[0] == offline(model, "a", prompt, 8) != first[0]
+        assert again[1] == first[1]
+    finally:
+        with torch.no_grad():
+            for d, w in zip(model.deltas("a"), saved):
+                d.lora_B.weight.copy_(w)
+    eng.stop()
+    assert model._ctx.static_weights == held - 1  # weight checks are back once no engine serves the model
+

@@ -141,7 +141,11 @@ def grouping(model, adapter_names: list[str]):
         if not spec.capabilities.mixed_batch:
             raise ConfigError(f"adapter '{n}' uses {spec.name}, which does not support mixed batches")
         edits.refuse_mixed(model._sites.values(), n)
-    return Grouping.build(list(adapter_names))
+    # The same names again (a server's decode steps) give the same Grouping object: sites key caches on it.
+    key, last = tuple(adapter_names), model.__dict__.get("_last_grouping")
+    if last is None or last[0] != key:
+        last = model.__dict__["_last_grouping"] = (key, Grouping.build(list(adapter_names)))
+    return last[1]
 
 
 def check(model, block: Block) -> None:

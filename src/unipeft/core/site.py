@@ -60,6 +60,10 @@ class ForwardContext:
     calls: int = 0  # top-level model calls so far (a checkpointed layer's recomputation is not one)
     composition: object | None = None  # the active composition block (compose.py), None for a plain set
     rows: object | None = None  # this call's row ranges under a Parallel/BatchSplit block
+    # Servers running on the model (each adds 1 while it runs): while > 0, adapter weights change only between
+    # calls that bump `version`, so mixed-batch caches are keyed on it instead of each weight's version counter
+    # (reading those touches every adapter's tensors per site per call: slow with weights out of the CPU caches).
+    static_weights: int = 0
 
 
 def run_with_params(module: nn.Module, params: dict[str, torch.Tensor], x, *args, **kwargs):
@@ -156,8 +160,7 @@ class AdaptedSite(nn.Module):
         return out
 
     def _forward_mixed(self, grouping: Grouping, x, *args, **kwargs):
-        per_group = [self.deltas[n] if n in self.deltas else None for n in grouping.names]
-        present = [d for d in per_group if d is not None]
+        per_group, present, outputs_only, kind = self._mixed_plan(grouping)
         if not present:
             return self.base_layer(x, *args, **kwargs)
         if x.shape[0] == 1 and grouping.batch > 1:
@@ -167,16 +170,15 @@ class AdaptedSite(nn.Module):
         if x.shape[0] != grouping.batch:
             raise ValueError(f"adapter_names has {grouping.batch} entries but site '{self.path}' sees a batch "
                              f"of {x.shape[0]} rows; give one adapter name per input row")
-        if any(d.kind != "output" for d in present):
+        if not outputs_only:
             # Input- or weight-side deltas change the base computation: run each group on its rows.
             xs = x if grouping.perm is None else x.index_select(0, grouping.perm.to(x.device))
             pieces = [self._compose([] if d is None else [d], xs[a:b], *args, **kwargs)
                       for d, (a, b) in zip(per_group, grouping.bounds)]
             return self._unsort(torch.cat(pieces, 0), grouping)
         out = self.base_layer(x, *args, **kwargs)  # the base runs once on the whole batch
-        kinds = {type(d) for d in present}
-        if len(kinds) == 1:
-            fused = kinds.pop().forward_grouped(per_group, x, out, grouping.row_group.to(x.device))
+        if kind is not None:
+            fused = kind.forward_grouped(per_group, x, out, grouping.row_group.to(x.device))
             if fused is not None:
                 return fused
         if grouping.perm is not None:
@@ -184,6 +186,20 @@ class AdaptedSite(nn.Module):
             x, out = x.index_select(0, perm), out.index_select(0, perm)
         pieces = [out[a:b] if d is None else d(x[a:b], out[a:b]) for d, (a, b) in zip(per_group, grouping.bounds)]
         return self._unsort(torch.cat(pieces, 0), grouping)
+
+    def _mixed_plan(self, grouping: Grouping) -> tuple[list, list, bool, type | None]:
+        """(delta or None per group, the deltas present, whether all act on the output, their one type or None),
+        kept while the grouping object and the adapters stay the same (a server's steps repeat one grouping)."""
+        plan = self.__dict__.get("_plan")
+        if plan is None or plan[0] is not grouping or plan[1] != self._ctx.version:
+            mods = self.deltas._modules
+            per_group = [mods.get(n) for n in grouping.names]
+            present = [d for d in per_group if d is not None]
+            kinds = {type(d) for d in present}
+            plan = (grouping, self._ctx.version, per_group, present, all(d.kind == "output" for d in present),
+                    kinds.pop() if len(kinds) == 1 else None)
+            object.__setattr__(self, "_plan", plan)
+        return plan[2:]
 
     @staticmethod
     def _unsort(out: torch.Tensor, grouping: Grouping) -> torch.Tensor:

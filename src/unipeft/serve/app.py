@@ -113,7 +113,15 @@ class Server:
         self.pumps.submit(self._pump, q, loop, events, adapter)
         pieces: list[str] = []
         stream = TextStream(self.tokenizer, stops, pieces.append)
-        tokens, reason = [], None
+        try:
+            async for item in self._follow(events, stream, pieces, [], ids, req.model or self.model_name):
+                yield item
+        finally:  # a stop string matched on the text, or the client went away: the batch slot is freed now
+            self.engine.cancel(q)
+
+    async def _follow(self, events, stream, pieces, tokens, ids, model) -> AsyncIterator[tuple[str, dict]]:
+        """The text pieces and the end of one request from its engine events."""
+        reason = None
         while True:
             ev = await events.get()
             if ev.error:
@@ -129,7 +137,7 @@ class Server:
                 yield "text", piece
             pieces.clear()
             if reason is not None:
-                self.metrics.tokens(len(ids), len(tokens))
+                self.metrics.tokens(len(ids), len(tokens), model)
                 yield "end", {"finish_reason": reason, "completion_tokens": len(tokens), "text": stream.text}
                 return
 

@@ -5,13 +5,16 @@ A background scheduler thread owns the model. Each iteration runs the functions 
 prompts (left-padded, one forward per group), then runs ONE decode step over all running sequences. A
 group is one forward: adapters that can share a batch (LoRA family, the base) form one, with one adapter
 name per row; each that cannot (capability mixed_batch False, e.g. prompt methods, or an init editing the
-base weights) forms its own. Each sequence keeps its own KV cache; a step packs the group's caches into
-one left-padded DynamicCache (kv.py) with a mask marking the padding and each row's own position ids.
+base weights) forms its own. A group's KV caches stay packed in one left-padded DynamicCache from step to
+step (kv.Batch) while its members stay the same, with a mask marking the padding and each row's own
+position ids; rows of finished requests are dropped, newcomers are packed in. While it runs, the model's
+`static_weights` is set: weights change only through `run_exclusive` jobs, after which caches are rebuilt.
 
 Events: one TokenEvent per output token, then a final one (token_id None, finished True, reason "stop" on
-end-of-sequence or a stop sequence, "length" on max_tokens); a request that cannot run gets one event
-with `error` set. Neither the end-of-sequence token nor a matched stop sequence is sent (tokens that may
-start one are held back until they cannot); max_tokens counts every generated token, those included.
+end-of-sequence or a stop sequence, "length" on max_tokens, "cancelled" after `cancel`); a request that
+cannot run gets one event with `error` set. Neither the end-of-sequence token nor a matched stop sequence
+is sent (tokens that may start one are held back until they cannot); max_tokens counts every generated
+token, those included.
 """
 from __future__ import annotations
 
@@ -20,7 +23,6 @@ import inspect
 import queue
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -29,32 +31,9 @@ from ..core import edits
 from ..core.registry import method_for_config
 from ..core.site import BASE_NAME
 from . import kv as kvlib
+from .requests import GenRequest, TokenEvent, check as _check
 
 MIXED = ""  # the group key of all adapters that can share one batch (one adapter name per row)
-
-
-@dataclass
-class GenRequest:
-    """One generation request: prompt token ids and sampling settings."""
-
-    prompt_ids: list[int]
-    adapter: str | None = None  # None: the base model
-    max_tokens: int = 16
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    stop_ids: list[list[int]] = field(default_factory=list)  # token sequences that end the request
-    seed: int | None = None  # seeds this request's own torch.Generator (sampling only)
-    min_tokens: int = 0  # end-of-sequence is suppressed until this many tokens were generated
-
-
-@dataclass
-class TokenEvent:
-    """One streamed event of a request."""
-
-    token_id: int | None
-    finished: bool
-    finish_reason: str | None  # "stop" | "length" on the final event
-    error: str | None = None
 
 
 class _Seq:
@@ -68,31 +47,10 @@ class _Seq:
         self.extra = 0  # virtual positions at the front of the cache
         self.real = 0  # real tokens in the cache
         self.done = False
+        self.cancelled = False  # set by Engine.cancel: ends at the next token boundary
         self.gen = torch.Generator() if req.temperature > 0 else None  # the request's own random stream
         if self.gen is not None:
             self.gen.seed() if req.seed is None else self.gen.manual_seed(req.seed)
-
-
-def _check(req: Any, vocab: int | None) -> str | None:
-    """The error message for an invalid request (naming the field), or None."""
-    if not isinstance(req, GenRequest):
-        return f"expected a GenRequest, got {type(req).__name__}"
-    ids = req.prompt_ids
-    if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
-        return "prompt_ids must be a non-empty list of token ids"
-    if vocab is not None and not all(0 <= t < vocab for t in ids):
-        return f"prompt_ids: every token id must be in [0, {vocab})"
-    if not isinstance(req.max_tokens, int) or req.max_tokens < 1:
-        return f"max_tokens must be an integer >= 1, got {req.max_tokens!r}"
-    if not isinstance(req.min_tokens, int) or req.min_tokens < 0:
-        return f"min_tokens must be an integer >= 0, got {req.min_tokens!r}"
-    if not isinstance(req.temperature, (int, float)) or not req.temperature >= 0:
-        return f"temperature must be >= 0, got {req.temperature!r}"
-    if not isinstance(req.top_p, (int, float)) or not 0 < req.top_p <= 1:
-        return f"top_p must be in (0, 1], got {req.top_p!r}"
-    if not all(isinstance(s, list) and s and all(isinstance(t, int) for t in s) for s in req.stop_ids):
-        return "stop_ids must be a list of non-empty lists of token ids"
-    return None
 
 
 class Engine:
@@ -113,11 +71,12 @@ class Engine:
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._exclusive: list[tuple[Callable[[], Any], Future]] = []
         self._running: list[_Seq] = []
+        self._batches: dict[str, kvlib.Batch] = {}  # group key -> its running sequences' packed caches
         self._accepting, self._stopping, self._drain = True, False, True
         self._thread: threading.Thread | None = None
         self._keys: dict[str, tuple[str, bool]] = {}  # adapter -> (group key, acts on the inputs)
         self._stats = dict.fromkeys(("steps", "forwards", "prefill_forwards", "decode_forwards", "tokens",
-                                     "finished", "errors"), 0)
+                                     "finished", "cancelled", "errors"), 0)
         self._hist: collections.Counter[int] = collections.Counter()
 
     def _default_eos(self) -> list[int]:
@@ -133,6 +92,7 @@ class Engine:
             raise RuntimeError("the engine was already started")
         self.model.eval()
         self._active_at_start = self.model.active_adapters
+        self.model._ctx.static_weights += 1
         self._thread = threading.Thread(target=self._loop, name="unipeft-engine", daemon=True)
         self._thread.start()
 
@@ -162,6 +122,16 @@ class Engine:
             self._waiting.append(_Seq(req, out, req.adapter or BASE_NAME, MIXED))
             self._cond.notify_all()
         return out
+
+    def cancel(self, out: "queue.Queue[TokenEvent]") -> None:
+        """End the request whose event queue is `out` at the next token boundary (thread-safe; its final event
+        has reason "cancelled"; nothing happens if it already finished). Frees its batch slot at once, e.g.
+        when a stop string matched on the text or the client went away."""
+        with self._cond:
+            for seq in (*self._waiting, *self._running):
+                if seq.out is out:
+                    seq.cancelled = True
+            self._cond.notify_all()
 
     def run_exclusive(self, fn: Callable[[], Any]) -> Any:
         """Run `fn()` on the scheduler thread between two steps; return its result or raise its exception."""
@@ -199,6 +169,7 @@ class Engine:
             if jobs:
                 self._keys.clear()  # adapters may have changed
                 self._drop_unloaded()
+            self._reap()
             try:
                 with torch.no_grad():
                     self._prefill(self._admit())
@@ -206,18 +177,37 @@ class Engine:
             except Exception as exc:  # a bug must not leave requests waiting forever on a dead thread
                 for seq in self._running:
                     self._fail(seq, f"engine error: {type(exc).__name__}: {exc}")
+                self._batches.clear()
                 self._retire()
 
     def _restore_active(self) -> None:
-        """Give the model back the active adapters it had at start (those still loaded)."""
+        """Give the model back the active adapters it had at start (those still loaded) and its weight checks."""
+        self.model._ctx.static_weights -= 1
         names = [n for n in self._active_at_start if n in self.model.peft_config]
         if names != self.model.active_adapters:
             self.model.set_adapter(names)
 
     def _call(self, fn: Callable[[], Any]) -> Any:
-        result = fn()
-        self._keys.clear()
-        return result
+        """Run a job between steps; afterwards adapters may differ: caches are rebuilt, new ones run in eval."""
+        try:
+            return fn()
+        finally:
+            self._keys.clear()
+            self.model.eval()
+            self.model._ctx.version += 1  # with static_weights, the only sign that weights may have changed
+
+    def _reap(self) -> None:
+        """Finish cancelled requests, waiting or running."""
+        with self._cond:
+            gone = [s for s in (*self._waiting, *self._running) if s.cancelled and not s.done]
+            if gone:
+                self._waiting = collections.deque(s for s in self._waiting if not s.cancelled)
+        for seq in gone:
+            self._finish(seq, seq.sent, "cancelled")
+            with self._cond:
+                self._stats["cancelled"] += 1
+        if gone:
+            self._retire()
 
     def _admit(self) -> list[_Seq]:
         """Move waiting requests into the running batch (up to max_batch); failed ones end at once."""
@@ -272,23 +262,31 @@ class Engine:
             self._emit(seqs, logits)
 
     def _decode(self) -> None:
-        """One decode step: one forward per group over all running sequences."""
+        """One decode step: one forward per group over all running sequences (caches stay packed)."""
         running = [s for s in self._running if not s.done]
+        groups = self._groups(running)
+        for key in list(self._batches):  # rows of finished or regrouped sequences leave their batch first
+            self._batches[key].fit(groups.get(key, []))
+            if key not in groups:
+                del self._batches[key]
         if not running:
             return
         self._stats["steps"] += 1
-        for key, seqs in self._groups(running).items():
-            cache, pads, mask = kvlib.pack([s.cache for s in seqs], seqs[0].extra, new=1)
+        for key, seqs in groups.items():
+            batch = self._batches.setdefault(key, kvlib.Batch(seqs[0].extra))
+            cache, mask = batch.take(seqs)
             ids = torch.tensor([[s.tokens[-1]] for s in seqs], dtype=torch.long)
             positions = torch.tensor([[s.real] for s in seqs], dtype=torch.long)
             with self._cond:
                 self._hist[len(seqs)] += 1
             out = self._forward(key, seqs, ids, mask, positions, cache, "decode")
             if out is None:
+                batch.clear()
                 continue
             logits, cache = out
-            for seq, row in zip(seqs, kvlib.unpack(cache, pads, seqs[0].extra)):
-                seq.cache, seq.real = row, seq.real + 1
+            batch.keep(cache)
+            for seq in seqs:
+                seq.real += 1
             self._emit(seqs, logits)
 
     def _forward(self, key: str, seqs: list[_Seq], ids, mask, positions, cache, kind: str):
@@ -394,6 +392,7 @@ class Engine:
             self._waiting.clear()
         for seq in seqs:
             self._fail(seq, error)
+        self._batches.clear()
         self._retire()
 
     def _unknown(self, name: str) -> str:

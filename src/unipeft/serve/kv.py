@@ -70,3 +70,69 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
         mask[i, width - len(r):] = 1
         positions[i, width - len(r):] = torch.arange(len(r))
     return ids, mask, positions
+
+
+class Batch:
+    """A group's running sequences with their caches packed into one DynamicCache, kept from step to step
+    while the group's members stay the same (packing every step would copy every cache every step).
+
+    Members are objects with a `cache` attribute (their own SeqKV while outside the batch, None inside).
+    Call `fit` on every batch before `take` on any: sequences that moved to another group get their rows back.
+    """
+
+    def __init__(self, extra: int = 0) -> None:
+        self.seqs: list = []
+        self.cache: DynamicCache | None = None
+        self.pads: list[int] = []
+        self.extra = extra
+
+    def fit(self, seqs: list) -> None:
+        """Keep the rows of `seqs` if they are the members or a subset in the same order and every member left
+        out has finished (its row is dropped); otherwise hand every live member its own cache back and empty
+        the batch."""
+        if not self.seqs or [id(s) for s in seqs] == [id(s) for s in self.seqs]:
+            return
+        where = {id(s): i for i, s in enumerate(self.seqs)}
+        rows = [where.get(id(s)) for s in seqs]
+        kept = {id(s) for s in seqs}
+        finished = all(getattr(s, "done", False) for s in self.seqs if id(s) not in kept)
+        if seqs and finished and None not in rows and rows == sorted(rows):
+            return self._select(seqs, rows)
+        for seq, row in zip(self.seqs, unpack(self.cache, self.pads, self.extra)):
+            if not getattr(seq, "done", False):
+                seq.cache = row
+        self.clear()
+
+    def take(self, seqs: list, new: int = 1) -> tuple[DynamicCache, torch.Tensor]:
+        """(cache, attention mask of a step adding `new` tokens) for `seqs`, packing them if they are not
+        the members already (their own caches move into the batch)."""
+        if [id(s) for s in seqs] != [id(s) for s in self.seqs]:
+            self.fit([])
+            self.cache, self.pads, _ = pack([s.cache for s in seqs], self.extra, new)
+            self.seqs = list(seqs)
+            for seq in seqs:
+                seq.cache = None
+        width = self.cache.get_seq_length() - self.extra
+        mask = (torch.arange(width + new) >= torch.tensor(self.pads)[:, None]).long()
+        return self.cache, mask
+
+    def keep(self, cache: DynamicCache) -> None:
+        """The cache after the step (the members' rows, one position longer)."""
+        self.cache = cache
+
+    def clear(self) -> None:
+        self.seqs, self.cache, self.pads = [], None, []
+
+    def _select(self, seqs: list, rows: list[int]) -> None:
+        """Only `rows` stay; padding that every remaining row has is cut."""
+        pads = [self.pads[r] for r in rows]
+        cut, extra = min(pads), self.extra
+        index = torch.tensor(rows)
+        layers = []
+        for layer in self.cache.layers:
+            k, v = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+            if cut:
+                k = torch.cat((k[:, :, :extra], k[:, :, extra + cut:]), dim=2)
+                v = torch.cat((v[:, :, :extra], v[:, :, extra + cut:]), dim=2)
+            layers.append((k, v))
+        self.seqs, self.cache, self.pads = list(seqs), DynamicCache(layers), [p - cut for p in pads]

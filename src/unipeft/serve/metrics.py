@@ -54,6 +54,7 @@ class Metrics:
         self.requests: dict[tuple[str, int], int] = defaultdict(int)
         self.latency: dict[str, Histogram] = {}
         self.prompt_tokens = self.generated_tokens = 0
+        self.by_model: dict[str, list[int]] = {}  # model field (adapter or base) -> [generations, tokens]
         self.in_flight = 0
 
     def record(self, endpoint: str, status: int, seconds: float) -> None:
@@ -62,11 +63,15 @@ class Metrics:
             self.requests[(endpoint, status)] += 1
             self.latency.setdefault(endpoint, Histogram(LATENCY_BUCKETS)).observe(seconds)
 
-    def tokens(self, prompt: int, generated: int) -> None:
-        """Count the prompt and generated tokens of one generation."""
+    def tokens(self, prompt: int, generated: int, model: str | None = None) -> None:
+        """Count the prompt and generated tokens of one finished generation (and, per `model`, the request)."""
         with self._lock:
             self.prompt_tokens += prompt
             self.generated_tokens += generated
+            if model is not None:
+                row = self.by_model.setdefault(model, [0, 0])
+                row[0] += 1
+                row[1] += generated
 
     def render(self, engine_stats: dict[str, Any] | None = None, adapters: dict[str, int] | None = None) -> str:
         """The whole exposition text."""
@@ -81,6 +86,11 @@ class Metrics:
                              [f" {self.prompt_tokens}"])
             lines += _family("unipeft_generated_tokens_total", "counter", "Tokens generated for clients",
                              [f" {self.generated_tokens}"])
+            per = sorted(self.by_model.items())
+            lines += _family("unipeft_model_requests_total", "counter", "Finished generations per model (adapter or base)",
+                             [f'{{model="{_esc(m)}"}} {n}' for m, (n, _t) in per])
+            lines += _family("unipeft_model_generated_tokens_total", "counter", "Tokens generated per model",
+                             [f'{{model="{_esc(m)}"}} {t}' for m, (_n, t) in per])
             lines += _family("unipeft_requests_in_flight", "gauge", "HTTP requests being handled",
                              [f" {self.in_flight}"])
         lines += _engine_lines(engine_stats or {})
@@ -102,7 +112,9 @@ def _engine_lines(stats: dict[str, Any]) -> list[str]:
             ("waiting", "unipeft_queue_length", "gauge", "Requests waiting for a batch slot"),
             ("running", "unipeft_running_batch_size", "gauge", "Requests in the running batch"),
             ("steps", "unipeft_engine_steps_total", "counter", "Decoding steps of the engine"),
-            ("tokens", "unipeft_engine_tokens_total", "counter", "Tokens the engine generated")):
+            ("tokens", "unipeft_engine_tokens_total", "counter", "Tokens the engine generated"),
+            ("cancelled", "unipeft_engine_cancelled_total", "counter",
+             "Requests ended early (a stop string matched on the text, or the client went away)")):
         if isinstance(stats.get(key), (int, float)):
             lines += _family(name, kind, help_text, [f" {_num(stats[key])}"])
     hist = stats.get("batch_sizes") or stats.get("batch_size_histogram")

@@ -113,19 +113,31 @@ class LoraLinear(LoraDelta):
         """Plain LoRA of equal rank and dropout in every group: per-row A and B gathered from one
         stack, one dropout mask for the batch, two batched matmuls, the expand accumulated into the
         base output (in place without autograd)."""
-        live = [d for d in deltas if d is not None]
-        r, p = live[0].r, fused.dropout_p(live[0])
-        if any(not d.variant.groupable or d.r != r or fused.dropout_p(d) != p for d in live) \
-                or x.dtype != live[0].lora_A.weight.dtype:
+        first = next(d for d in deltas if d is not None)
+        if x.dtype != first.lora_A.weight.dtype:
             return None
-        grad = torch.is_grad_enabled() and any(d.lora_A.weight.requires_grad for d in live)
-        a, bt = cls._stacks(deltas, live[0]) if not grad else cls._stack(deltas, live[0])
+        if torch.is_grad_enabled() and any(d is not None and d.lora_A.weight.requires_grad for d in deltas):
+            if not cls._groupable(deltas, first):
+                return None
+            a, bt = cls._stack(deltas, first)
+            return cls._apply(x, base_out, a.index_select(0, row_group), bt.index_select(0, row_group),
+                              fused.dropout_p(first), grad=True)
+        rows = cls._rows(deltas, first, row_group)
+        return None if rows is None else cls._apply(x, base_out, *rows, fused.dropout_p(first), grad=False)
+
+    @staticmethod
+    def _groupable(deltas, first) -> bool:
+        r, p = first.r, fused.dropout_p(first)
+        return all(d is None or (d.variant.groupable and d.r == r and fused.dropout_p(d) == p) for d in deltas)
+
+    @staticmethod
+    def _apply(x, base_out, a_rows, bt_rows, p: float, grad: bool):
         if p > 0:  # one mask for the batch, drawn as the fused path draws it (rows with no adapter ignore it)
             x = x * fused.keep_mask(x.shape, p, x.device) * (1.0 / (1.0 - p))
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])
-        h = torch.bmm(x3, a.index_select(0, row_group).transpose(1, 2))
+        h = torch.bmm(x3, a_rows.transpose(1, 2))
         out3 = base_out.view(x.shape[0], -1, base_out.shape[-1])
-        bt_rows = bt.index_select(0, row_group).to(h.dtype)
+        bt_rows = bt_rows.to(h.dtype)
         if grad or base_out.dtype != h.dtype:
             return (out3 + torch.bmm(h, bt_rows).to(base_out.dtype)).view(base_out.shape)
         return out3.baddbmm_(h, bt_rows).view(base_out.shape)
@@ -139,16 +151,30 @@ class LoraLinear(LoraDelta):
         return a, bt
 
     @classmethod
-    def _stacks(cls, deltas, first) -> tuple[torch.Tensor, torch.Tensor]:
-        """`_stack` without autograd, kept on `first` until a weight or the grouping changes."""
-        key = tuple((0, 0) if d is None else (id(d), d.lora_A.weight._version, d.lora_B.weight._version,
-                                              d.scaling) for d in deltas)
-        cached = first.__dict__.get("_grouped_stack")
+    def _rows(cls, deltas, first, row_group) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-row A and scaled B^T without autograd (None: the groups cannot share the batched path), kept
+        on `first` until a weight, the grouping, the rows or the mode change: a server's decode steps repeat
+        one grouping, so a step only compares this key (the checks over every group run once)."""
+        ctx = first._ctx
+        if ctx.static_weights:  # weights change only with ctx.version; `deltas` is the site's cached plan
+            key = (first.training, ctx.version, deltas)
+        else:
+            key = (first.training, *(None if d is None else (id(d), *_versions(d), d.scaling) for d in deltas))
+        cached = first.__dict__.get("_grouped_rows")
         if cached is None or cached[0] != key:
+            if not cls._groupable(deltas, first):
+                object.__setattr__(first, "_grouped_rows", (key, None, None, None, None, None))
+                return None
             with torch.no_grad():
-                cached = (key, *cls._stack(deltas, first))
-            object.__setattr__(first, "_grouped_stack", cached)
-        return cached[1], cached[2]
+                cached = (key, *cls._stack(deltas, first), None, None, None)
+        if cached[1] is None:
+            return None
+        if cached[3] is not row_group:
+            with torch.no_grad():
+                cached = (*cached[:3], row_group, cached[1].index_select(0, row_group),
+                          cached[2].index_select(0, row_group))
+        object.__setattr__(first, "_grouped_rows", cached)
+        return cached[4], cached[5]
 
     def delta_weight(self) -> dict[str, torch.Tensor]:
         return {"weight": layers.to_param_layout(self.base, self.variant.delta_weight(self))}
@@ -198,3 +224,11 @@ class LoraConv(LoraDelta):
 
 
 LAYERS = layers.MATRIX_LAYERS + (nn.Embedding, nn.Conv1d, nn.Conv2d)
+
+
+def _versions(delta) -> tuple[int, int, int, int]:
+    """Identity and version counter of a LoRA delta's A and B weights (plain dict lookups: this runs per
+    row group per call)."""
+    a = delta._modules["lora_A"]._parameters["weight"]
+    b = delta._modules["lora_B"]._parameters["weight"]
+    return id(a), a._version, id(b), b._version

@@ -70,7 +70,7 @@ function counts(samples) {
       else if (isTokens) row.tokens += s.value;
     }
     if (isRequests && GENERATION.test(s.labels.endpoint || "")) total.requests += s.value;
-    else if (isTokens) total.tokens += s.value;
+    else if (isTokens && who === undefined) total.tokens += s.value;
   }
   return { byModel, total };
 }
