@@ -230,3 +230,16 @@ def test_mixed_batch_in_training_with_dropout_uses_the_batched_path():
         ref.append(row)
     torch.testing.assert_close(out, torch.cat(ref), atol=1e-6, rtol=1e-6)
     assert model.delta_at("default", "k").lora_B.weight.grad.abs().sum() > 0
+
+
+def test_module_conversions_still_work_on_lora_layers():
+    """nn.Module.to / .double walk every submodule through Module._apply: no LoRA class may shadow it."""
+    model = up.adapt(build("bert"), up.LoraConfig(r=4, target_modules=["query", "value"]))
+    randomise_b(model)
+    model.eval()
+    batch = inputs("bert")
+    with torch.no_grad():
+        ref = model(**batch).logits.double()
+        model.double()
+        assert all(p.dtype == torch.float64 for p in model.parameters())
+        torch.testing.assert_close(model(**batch).logits, ref, atol=1e-5, rtol=1e-5)

@@ -120,10 +120,10 @@ class LoraLinear(LoraDelta):
             if not cls._groupable(deltas, first):
                 return None
             a, bt = cls._stack(deltas, first)
-            return cls._apply(x, base_out, a.index_select(0, row_group), bt.index_select(0, row_group),
+            return cls._grouped_update(x, base_out, a.index_select(0, row_group), bt.index_select(0, row_group),
                               fused.dropout_p(first), grad=True)
         rows = cls._rows(deltas, first, row_group)
-        return None if rows is None else cls._apply(x, base_out, *rows, fused.dropout_p(first), grad=False)
+        return None if rows is None else cls._grouped_update(x, base_out, *rows, fused.dropout_p(first), grad=False)
 
     @staticmethod
     def _groupable(deltas, first) -> bool:
@@ -131,7 +131,7 @@ class LoraLinear(LoraDelta):
         return all(d is None or (d.variant.groupable and d.r == r and fused.dropout_p(d) == p) for d in deltas)
 
     @staticmethod
-    def _apply(x, base_out, a_rows, bt_rows, p: float, grad: bool):
+    def _grouped_update(x, base_out, a_rows, bt_rows, p: float, grad: bool):
         if p > 0:  # one mask for the batch, drawn as the fused path draws it (rows with no adapter ignore it)
             x = x * fused.keep_mask(x.shape, p, x.device) * (1.0 / (1.0 - p))
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])
