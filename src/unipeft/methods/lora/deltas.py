@@ -229,6 +229,11 @@ LAYERS = layers.MATRIX_LAYERS + (nn.Embedding, nn.Conv1d, nn.Conv2d)
 def _versions(delta) -> tuple[int, int, int, int]:
     """Identity and version counter of a LoRA delta's A and B weights (plain dict lookups: this runs per
     row group per call)."""
-    a = delta._modules["lora_A"]._parameters["weight"]
-    b = delta._modules["lora_B"]._parameters["weight"]
+    a, b = (_weight(delta._modules[k]) for k in ("lora_A", "lora_B"))
     return id(a), a._version, id(b), b._version
+
+
+def _weight(module) -> torch.Tensor:
+    """A factor's weight: its parameter, or the frozen tensor a variant keeps in its place (LoRA-FA's A)."""
+    w = module._parameters.get("weight")
+    return module.weight if w is None else w
