@@ -63,15 +63,46 @@ class ParamGroupConfig:
 
 
 @dataclass
-class OptimizerConfig:
-    """AdamW and its parameter groups (first matching group wins; the rest use the defaults)."""
+class GaloreConfig:
+    """GaLore (optimizer name galore_adamw / galore_adamw8bit): Adam on low-rank projected gradients."""
 
-    name: Literal["adamw"] = "adamw"
+    rank: int = 128
+    update_proj_gap: int = 200  # steps between refreshes of each projector (an SVD of the gradient)
+    scale: float = 0.25  # the projected-back update is multiplied by this
+    proj_type: Literal["std", "reverse_std", "left", "right", "full"] = "std"
+    targets: str | None = None  # regex (re.search) on parameter names; None: every trainable nn.Linear / Conv1D
+    #                             weight (embeddings excluded, also when tied to the output layer)
+    normalize: bool = False  # GradNormLoRP: weight-normalised W = g v/|v|, g full-rank, v's gradient projected
+    per_layer: bool = False  # each weight steps in its own gradient hook: full gradients never all alive
+
+
+@dataclass
+class ZerothOrderConfig:
+    """Zeroth-order training (optimizer name mezo / sparse_mezo / spsa_gc): forward passes only."""
+
+    eps: float = 1e-3  # perturbation scale of SPSA
+    sparse_fraction: float = 0.25  # sparse_mezo: share of each tensor, smallest by magnitude, perturbed
+    momentum: float = 0.9  # spsa_gc: momentum of the corrected gradient estimate
+    perturbations: int = 1  # SPSA estimates averaged per step
+
+
+@dataclass
+class OptimizerConfig:
+    """The optimizer and its parameter groups (first matching group wins; the rest use the defaults).
+
+    adamw: torch's AdamW; adamw8bit / paged_adamw8bit: bitsandbytes' 8-bit-state AdamW; galore_*: GaLore
+    (see `galore`); mezo / sparse_mezo / spsa_gc: zeroth-order, forward passes only (see `zo`).
+    """
+
+    name: Literal["adamw", "adamw8bit", "paged_adamw8bit", "galore_adamw", "galore_adamw8bit", "mezo",
+                  "sparse_mezo", "spsa_gc"] = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     groups: list[ParamGroupConfig] = field(default_factory=list)
+    galore: GaloreConfig = field(default_factory=GaloreConfig)
+    zo: ZerothOrderConfig = field(default_factory=ZerothOrderConfig)
 
 
 @dataclass

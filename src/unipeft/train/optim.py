@@ -1,4 +1,5 @@
-"""AdamW with parameter groups chosen by name patterns, and warm-up + linear/cosine schedules."""
+"""The optimizer (AdamW, 8-bit AdamW, GaLore, zeroth-order) with parameter groups chosen by name patterns, and
+warm-up + linear/cosine schedules."""
 from __future__ import annotations
 
 import math
@@ -59,9 +60,22 @@ def param_groups(model: nn.Module, cfg: Any, extra: list[dict[str, Any]] | None 
 
 
 def build_optimizer(model: nn.Module, cfg: Any, extra: list[dict[str, Any]] | None = None) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters, with the configured groups."""
+    """The configured optimizer over the trainable parameters, with the configured groups (ConfigError for a
+    setting it cannot honour, before any training)."""
     groups = param_groups(model, cfg, extra)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name in ("adamw8bit", "paged_adamw8bit"):
+        from .lowbit import build_8bit
+
+        return build_8bit(groups, cfg)
+    if cfg.name.startswith("galore_"):
+        from .galore import build_galore
+
+        return build_galore(model, groups, cfg)
+    from .zo import build_zo  # mezo, sparse_mezo, spsa_gc
+
+    return build_zo(model, groups, cfg)
 
 
 def warmup_steps(cfg: Any, total_steps: int) -> int:

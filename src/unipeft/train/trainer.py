@@ -27,6 +27,8 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluate import evaluate, loss_terms, model_inputs
 from .fsdp import clip_grad_norm_, is_fsdp, no_grad_sync
 from .progress import MetricsLog, Progress
+from .galore import GaLoreMixin, check_layerwise
+from .zo import ZerothOrderOptimizer
 
 
 def total_steps(cfg: Any, n_train: int, world_size: int = 1) -> int:
@@ -82,6 +84,12 @@ class Trainer:
         self.fsdp = is_fsdp(model)
         self.model, self.optimizer = (model, optimizer) if self.fsdp else accelerator.prepare(model, optimizer)
         self.scheduler = scheduler  # not prepared: accelerate would step it once per process
+        # A forward-only optimizer (train/zo.py) is stepped by itself, not through accelerate's wrapper.
+        self.zo = optimizer if isinstance(optimizer, ZerothOrderOptimizer) else None
+        # Per-layer GaLore steps each weight in its gradient hook (train/galore.py): nothing to clip or accumulate.
+        self.layerwise = optimizer if isinstance(optimizer, GaLoreMixin) and optimizer.steps_in_backward else None
+        if self.layerwise is not None:
+            check_layerwise(cfg, accelerator.num_processes, self.fsdp)
         self.callbacks = CallbackList(method_callbacks(model) + list(callbacks or []))
         self.run_dir = run_dir
         main = accelerator.is_main_process
@@ -97,7 +105,10 @@ class Trainer:
 
     # ---- one optimizer step ---------------------------------------------------------------
     def _step(self, batch: list[int]) -> tuple[float, float | None]:
-        """Forward/backward every micro-batch of one global batch, then step; return (mean loss, grad norm)."""
+        """Forward/backward every micro-batch of one global batch, then step; return (mean loss, grad norm).
+        A forward-only (zeroth-order) optimizer takes `_forward_only_step` instead: no backward, no norm."""
+        if self.zo is not None:
+            return self._forward_only_step(batch), None
         acc, data = self.acc, self.train_set
         total_weight = float(sum(data.weights[i] for i in batch))
         scale = acc.num_processes / total_weight
@@ -123,6 +134,31 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss = float(acc.reduce(local, reduction="sum")) / total_weight
         return loss, grad_norm
+
+    def _forward_only_step(self, batch: list[int]) -> float:
+        """A zeroth-order step: the optimizer evaluates the global batch's mean loss at the points it chooses
+        (no autograd graph, no .grad); return the mean of those losses."""
+        acc, data = self.acc, self.train_set
+        total_weight = float(sum(data.weights[i] for i in batch))
+        chunks = micro_batches(batch, acc.process_index, acc.num_processes, self.cfg.grad_accum)
+        inputs = [{n: t.to(acc.device) for n, t in collate([data.rows[i] for i in idx], self.pad_id).items()}
+                  for idx in chunks]  # collated once: every step runs at least two passes over them
+
+        def closure() -> torch.Tensor:
+            # the same weighting as backpropagation: summed per-example losses / total weight, over all processes
+            local = torch.zeros((), device=acc.device)
+            for tensors in inputs:
+                logits = self.model(**model_inputs(tensors)).logits
+                local += loss_terms(self.cfg.task, logits, tensors["labels"]).sum()
+            return acc.reduce(local, reduction="sum") / total_weight
+
+        self.callbacks.on_before_optimizer_step(self.ctx)
+        self.model.eval()  # both losses of an estimate must differ only by the perturbation (no dropout)
+        with torch.no_grad():
+            loss = self.zo.step(closure)
+        self.model.train()
+        self.scheduler.step()
+        return float(loss)
 
     def _warm_up(self) -> None:
         """Fill the adapted model's call caches (AdaptedModel.warm_up) from two training rows, so the
@@ -222,5 +258,7 @@ class Trainer:
                         break
         finally:
             progress.close()
+            if self.layerwise is not None:  # a later backward (evaluation code, the user's) must not step weights
+                self.layerwise.remove_hooks()
         self.callbacks.on_train_end(ctx)
         return st
