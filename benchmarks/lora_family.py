@@ -191,10 +191,13 @@ def _job(name: str, point: dict, seed: int) -> tuple:
 
 
 def run_all(task: Task, table: dict, names: list[str], seeds: int, workers: int, budget: list[str],
-            cache: Path | None = None, log=print, extend: int = 2, counts: dict | None = None) -> list[dict]:
+            cache: Path | None = None, log=print, extend: int = 2, counts: dict | None = None,
+            train=None) -> list[dict]:
     """The grid (seed 0) of every method, widened at a chosen edge up to `extend` times, then seeds 1.. at
     each method's chosen point. Finished runs are appended to `cache` (JSON lines) and reused by a later call
-    with the same key, so a long sweep can stop and continue. `counts` gets the numbers trained and reused."""
+    with the same key, so a long sweep can stop and continue. `counts` gets the numbers trained and reused.
+    `train(task, table, job, work, budget) -> row` runs one point (default: a `unipeft train` child)."""
+    train = train or train_one
     done: dict[str, dict] = {}
     if cache is not None and cache.exists():
         done = {r["key"]: r["row"] for r in _read_jsonl(cache)}
@@ -205,7 +208,7 @@ def run_all(task: Task, table: dict, names: list[str], seeds: int, workers: int,
         def one(job):
             key = _key(task, table, job, budget)
             reused = key in done
-            row = dict(done[key]) if reused else train_one(task, table, job, work, budget)
+            row = dict(done[key]) if reused else train(task, table, job, work, budget)
             return {**row, "point": json.loads(job[1]), "setting": label(json.loads(job[1]))}, key, reused
 
         def launch(jobs):
