@@ -12,9 +12,9 @@ import unipeft as up
 from unipeft.core.errors import ConfigError
 from unipeft.core.targets import layer_index
 from unipeft.methods.sparse.ist import IstCallback, IstConfig, layer_count
-from unipeft.train import TrainerCallback, config_from_dict, partial_dir, train_run
+from unipeft.train import config_from_dict, partial_dir, train_run
 
-from ..train._helpers import adapter_tensors, make_tiny_bert, make_word_csv, tiny_config
+from ..train._helpers import Crash, crash_at, adapter_tensors, make_tiny_bert, make_word_csv, tiny_config
 
 
 def _llama(seed: int = 0, layers: int = 4) -> LlamaForCausalLM:
@@ -200,17 +200,6 @@ def test_state_dict_round_trip_restores_scores_rng_and_selection():
         IstCallback(other, "default", other.peft_config["default"], cb.cls).load_state_dict(state)
 
 
-class Crash(Exception):
-    """Stands in for a killed process."""
-
-
-class CrashAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, ctx):
-        if ctx.step == self.step:
-            raise Crash(ctx.step)
 
 
 def test_trainer_run_lowers_the_loss_and_resumes_exactly(tmp_path):
@@ -236,7 +225,7 @@ def test_trainer_run_lowers_the_loss_and_resumes_exactly(tmp_path):
 
     out = tmp_path / "run"
     with pytest.raises(Crash):
-        train_run(cfg(out), show_progress=False, log=lambda *_: None, callbacks=[CrashAt(7)])
+        train_run(cfg(out), show_progress=False, log=lambda *_: None, callbacks=[crash_at(7)])
     assert sorted(p.name for p in (partial_dir(out) / "checkpoints").iterdir()) == ["step-0000004"]
     train_run(cfg(out), resume=True, show_progress=False, log=lambda *_: None)
     a, b = adapter_tensors(ref), adapter_tensors(out)

@@ -11,10 +11,10 @@ from torch import nn
 
 import unipeft as up
 from unipeft.core.resize import rebuild_adapter, resize_param
-from unipeft.train import TrainerCallback, config_from_dict, partial_dir, train_run
+from unipeft.train import config_from_dict, partial_dir, train_run
 
 from ..invariants.cases import build_model, make_batch, module_types, no_adapter_modules, run
-from ..train._helpers import adapter_tensors, make_tiny_bert, make_word_csv, tiny_config
+from ..train._helpers import Crash, crash_at, adapter_tensors, make_tiny_bert, make_word_csv, tiny_config
 
 LR, B1, B2, EPS, WD = 0.05, 0.9, 0.999, 1e-8, 0.01
 
@@ -211,17 +211,6 @@ def test_budget_below_the_starting_ranks_leaves_the_model_unchanged(make):
 
 
 # ---- checkpoint resume with ranks changed mid-run -------------------------------------------
-class Crash(Exception):
-    """Stands in for a killed process."""
-
-
-class CrashAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, ctx):
-        if ctx.step == self.step:
-            raise Crash(ctx.step)
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +244,7 @@ def test_resume_after_rank_changes_continues_with_the_same_losses(bert_and_data,
     train_run(cfg(ref), **quiet)
     out = tmp_path / "run"
     with pytest.raises(Crash):
-        train_run(cfg(out), callbacks=[CrashAt(14)], **quiet)
+        train_run(cfg(out), callbacks=[crash_at(14)], **quiet)
     ckpt = partial_dir(out) / "checkpoints" / "step-0000012"
     saved = json.loads((ckpt / "adapters.json").read_text())["default"]
     assert saved["rank_pattern"]  # the checkpoint was written after ranks changed

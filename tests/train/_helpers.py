@@ -108,3 +108,37 @@ def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
 def summary(run_dir: Path) -> dict[str, Any]:
     """summary.json of a finished run."""
     return json.loads((run_dir / "summary.json").read_text())
+
+
+class Crash(Exception):
+    """Stands in for a killed process."""
+
+
+def crash_at(step: int):
+    """A training callback that raises Crash after optimizer step `step` (as a kill between steps would stop a run)."""
+    from unipeft.train import TrainerCallback
+
+    class CrashAt(TrainerCallback):
+        def on_step_end(self, ctx):
+            if ctx.step == step:
+                raise Crash(f"interrupted at step {ctx.step}")
+
+    return CrashAt()
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of every distinct tensor storage an optimizer's state holds (views of one storage count once)."""
+    seen: dict[int, int] = {}
+
+    def walk(v):
+        if isinstance(v, torch.Tensor):
+            seen[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x)
+
+    walk(list(opt.state.values()))
+    return sum(seen.values())

@@ -12,6 +12,8 @@ from unipeft.core.errors import ConfigError
 from unipeft.train.config import GaloreConfig, OptimizerConfig, ParamGroupConfig
 from unipeft.train.optim import build_optimizer
 
+from ._helpers import state_bytes
+
 
 def _cfg(name: str = "galore_adamw", lr: float = 1e-2, weight_decay: float = 0.0, **galore) -> OptimizerConfig:
     return OptimizerConfig(name=name, lr=lr, weight_decay=weight_decay,
@@ -50,24 +52,6 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, sched=None)
     return losses
 
 
-def _state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of every distinct tensor storage the optimizer state holds (views of a bigger SVD count whole)."""
-    seen: dict[int, int] = {}
-
-    def walk(v):
-        if isinstance(v, torch.Tensor):
-            seen[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
-        elif isinstance(v, dict):
-            for x in v.values():
-                walk(x)
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                walk(x)
-
-    walk(list(opt.state.values()))
-    return sum(seen.values())
-
-
 def test_state_is_projected_and_small():
     model = _mlp()
     opt = build_optimizer(model, _cfg(rank=32))
@@ -84,7 +68,7 @@ def test_state_is_projected_and_small():
     ref_model = _mlp()
     ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
     _train(ref_model, ref, 2)
-    ours, theirs = _state_bytes(opt), _state_bytes(ref)
+    ours, theirs = state_bytes(opt), state_bytes(ref)
     # targets at rank ratio r/min(m, n) = 1/4: moments 2*256*32 + projector 32*128 floats per big matrix
     big = 2 * (2 * 256 * 32 + 32 * 128) * 4
     head_bytes = (2 * 8 * 128 + 8 * 8) * 4
@@ -105,7 +89,7 @@ def test_8bit_state_is_uint8_and_smaller_still():
     ref_model = _mlp()
     ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
     _train(ref_model, ref, 2)
-    ratio = _state_bytes(opt) / _state_bytes(ref)
+    ratio = state_bytes(opt) / state_bytes(ref)
     assert ratio < 0.16, f"8-bit GaLore state / AdamW state = {ratio:.4f}"  # measured 0.1488 (fp32 projectors dominate)
 
 

@@ -11,6 +11,8 @@ from torch import nn
 from unipeft.train.config import OptimizerConfig, ParamGroupConfig
 from unipeft.train.optim import build_optimizer
 
+from ._helpers import state_bytes
+
 
 def _model(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
@@ -36,22 +38,6 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> list[flo
     return losses
 
 
-def _state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of the distinct tensor storages in the state (bnb's shared quantisation maps count once)."""
-    seen: dict[int, int] = {}
-
-    def walk(v):
-        if isinstance(v, torch.Tensor):
-            seen[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
-        elif isinstance(v, dict):
-            for x in v.values():
-                walk(x)
-
-    for s in opt.state.values():
-        walk(s)
-    return sum(seen.values())
-
-
 @pytest.mark.parametrize("name", ["adamw8bit", "paged_adamw8bit"])
 def test_matrix_states_are_8bit_and_small(name):
     model = _model()
@@ -68,7 +54,7 @@ def test_matrix_states_are_8bit_and_small(name):
     ref_model = _model()
     ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
     _train(ref_model, ref, 2)
-    ratio = _state_bytes(opt) / _state_bytes(ref)
+    ratio = state_bytes(opt) / state_bytes(ref)
     # measured 0.2867: the two big matrices (24576 of 25092 weights) have 8-bit moments
     assert ratio < 0.3, f"8-bit state / AdamW state = {ratio:.4f}"
 

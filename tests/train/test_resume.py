@@ -7,25 +7,12 @@ import pytest
 import torch
 
 from unipeft.core.errors import ConfigError
-from unipeft.train import TrainerCallback, config_from_dict, partial_dir, train_run
+from unipeft.train import config_from_dict, partial_dir, train_run
 from unipeft.train.artifacts import load_run
 
-from ._helpers import adapter_tensors, tiny_config
+from ._helpers import Crash, adapter_tensors, crash_at, tiny_config
 
 
-class Crash(Exception):
-    """Stands in for a killed process."""
-
-
-class CrashAt(TrainerCallback):
-    """Raises after optimizer step `step` (as a kill between steps would stop the run)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, ctx):
-        if ctx.step == self.step:
-            raise Crash(f"interrupted at step {ctx.step}")
 
 
 def _cfg(tiny_bert, word_csv, out, **extra):
@@ -54,16 +41,16 @@ def uninterrupted(tiny_bert, word_csv, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("crash_at", [6, 10])  # mid-epoch (checkpoint at step 4), and right after an epoch end
-def test_interrupted_then_resumed_equals_uninterrupted(tiny_bert, word_csv, tmp_path, uninterrupted, crash_at):
+@pytest.mark.parametrize("stop", [6, 10])  # mid-epoch (checkpoint at step 4), and right after an epoch end
+def test_interrupted_then_resumed_equals_uninterrupted(tiny_bert, word_csv, tmp_path, uninterrupted, stop):
     out = tmp_path / "run"
     cfg = _cfg(tiny_bert, word_csv, out)
     with pytest.raises(Crash):
-        _train(cfg, callbacks=[CrashAt(crash_at)])
+        _train(cfg, callbacks=[crash_at(stop)])
     part = partial_dir(out)
     assert not out.exists() and part.is_dir()  # crashed: resumable, and never looks complete
     ckpts = sorted(p.name for p in (part / "checkpoints").iterdir())
-    assert ckpts == ({6: ["step-0000004"], 10: ["step-0000004", "step-0000008"]}[crash_at])
+    assert ckpts == ({6: ["step-0000004"], 10: ["step-0000004", "step-0000008"]}[stop])
     with pytest.raises(ConfigError, match="is not a finished unipeft run.*holds an unfinished run.*--resume"):
         load_run(out)
     summary = _train(cfg, resume=True)
@@ -79,7 +66,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_bert, word_csv, tmp_
 def test_resume_refuses_a_changed_config_or_no_checkpoint(tiny_bert, word_csv, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(Crash):
-        _train(_cfg(tiny_bert, word_csv, out), callbacks=[CrashAt(5)])
+        _train(_cfg(tiny_bert, word_csv, out), callbacks=[crash_at(5)])
     with pytest.raises(ConfigError, match=r"config differs from the interrupted run's in \['optimizer'\]"):
         _train(_cfg(tiny_bert, word_csv, out, optimizer={"lr": 0.1}), resume=True)
     with pytest.raises(ConfigError, match="holds an interrupted run; pass --resume"):
@@ -91,7 +78,7 @@ def test_resume_refuses_a_changed_config_or_no_checkpoint(tiny_bert, word_csv, t
 def test_crash_before_first_checkpoint_leaves_nothing(tiny_bert, word_csv, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(Crash):
-        _train(_cfg(tiny_bert, word_csv, out), callbacks=[CrashAt(2)])
+        _train(_cfg(tiny_bert, word_csv, out), callbacks=[crash_at(2)])
     assert list(tmp_path.iterdir()) == []
 
 
@@ -124,7 +111,7 @@ def test_overwrite_replaces_only_when_the_new_run_finishes(tiny_bert, word_csv, 
     with pytest.raises(ConfigError, match="already exists; pass --overwrite"):
         _train(_cfg(tiny_bert, word_csv, out))
     with pytest.raises(Crash):
-        _train(_cfg(tiny_bert, word_csv, out, max_steps=6), overwrite=True, callbacks=[CrashAt(5)])
+        _train(_cfg(tiny_bert, word_csv, out, max_steps=6), overwrite=True, callbacks=[crash_at(5)])
     assert (out / "summary.json").read_text() == before  # the old run is intact after the crash
     with pytest.raises(ConfigError, match="add --overwrite"):
         _train(_cfg(tiny_bert, word_csv, out, max_steps=6), resume=True)
