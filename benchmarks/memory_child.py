@@ -41,10 +41,24 @@ def tensor_bytes(tensors) -> int:
 
 
 def optimizer_state_bytes(optimizer) -> int:
-    """Bytes of every tensor in the optimizer's state (its state_dict covers wrapped and per-layer optimizers)."""
+    """Bytes of every tensor in the optimizer's state, however deeply nested (bitsandbytes keeps its 8-bit state
+    in a dict per parameter, GaLore its moments per projected matrix); its state_dict covers wrapped and per-layer
+    optimizers."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
-    state = inner.state_dict().get("state", {})
-    return tensor_bytes(v for per in state.values() for v in (per.values() if isinstance(per, dict) else [per]))
+    found: list[torch.Tensor] = []
+
+    def walk(v) -> None:
+        if isinstance(v, torch.Tensor):
+            found.append(v)
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x)
+
+    walk(inner.state_dict().get("state", {}))
+    return tensor_bytes(found)
 
 
 class Probe(TrainerCallback):
