@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compress": ("unipeft.compress.cli_compress", "ComPEFT: sparsify an adapter and store it as bit-packed ternary"),
     "extract-lora": ("unipeft.compress.cli_extract", "a LoRA adapter (PEFT format) from a full fine-tune, by SVD"),
     "serve": ("unipeft.serve.cli", "serve a base model and its adapters over an OpenAI-compatible HTTP API"),
+    "federated": ("unipeft.federated.cli", "federated training of an adapter on Flower (FedAvg, FFA-LoRA, LoRA-FAIR, ...)"),
     "kg": ("unipeft.kg.cli", "complex query answering over knowledge graphs (CQD, CQD^A) on UMLS/Kinships/Nations"),
 }
 
