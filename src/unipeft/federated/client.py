@@ -16,6 +16,7 @@ import torch
 from ..core.errors import ConfigError
 from ..data.batching import epoch_batches
 from ..train.zo import direction_seed
+from . import compression
 from .config import FederatedConfig
 from .fedkseed import fingerprint
 from .node import Node, node_for
@@ -69,10 +70,12 @@ def local_round(fed: FederatedConfig, node: Node, pid: int, content) -> tuple[ob
             start = unpack(content["arrays"])
             node.load(start)
             result = node.train_local(data, fed.local_steps, lr_scale, loop, seed)
-            reply = pack(changed(result.state, start))
+            update = changed(result.state, start)
+            density = fed.strategy.compeft_density
+            reply = pack(update if density is None else compression.encode(update, start, density))
     finally:
         node.run = run
-    return reply, {"num-examples": result.examples, "train-loss": result.loss, "partition-id": pid}
+    return reply, {"num-examples": result.examples, "train-loss": result.loss, "partition-id": pid, "round": rnd}
 
 
 def kseed_options(fed: FederatedConfig) -> dict:
@@ -104,8 +107,14 @@ def make_client_app(fed: FederatedConfig | None = None, corrupt=None):
 def config_from_context(context) -> FederatedConfig:
     """The FederatedConfig a deployment run names in its run config (`config = "path/to/federated.yaml"`)."""
     from .config import load_federated_config
-    path = context.run_config.get("config")
+    from pathlib import Path
+    path = str(context.run_config.get("config") or "")
     if not path:
         raise ConfigError("run_config: config (the path of the federated YAML) is missing")
+    if not Path(path).is_absolute():  # each SuperLink/SuperNode resolves it on its own machine, in its own cwd
+        raise ConfigError(f"run_config: config must be an absolute path present on every node, got {path!r}")
     overrides = str(context.run_config.get("overrides", "")).split()
-    return load_federated_config(str(path), overrides)
+    threads = context.node_config.get("threads")  # e.g. --node-config "... threads=1" for nodes sharing a machine
+    if threads is not None:
+        overrides += ["--train.threads", str(int(threads))]
+    return load_federated_config(path, overrides)

@@ -43,6 +43,7 @@ class StrategyConfig:
     lora_fair_lambda: float = 1e-2  # ridge of LoRA-FAIR's residual correction of B
     seeds: int = 1024  # FedKSeed: candidate seeds shared by every client
     eps: float = 1e-3  # FedKSeed: perturbation size of the two-point estimate
+    compeft_density: float | None = None  # clients send ComPEFT-compressed updates keeping this share of entries
 
 
 @dataclass
@@ -76,6 +77,10 @@ class FederatedConfig:
             raise ConfigError(f"strategy.name: expected one of {', '.join(STRATEGIES)}, got {self.strategy.name!r}")
         if self.strategy.seeds < 1 or self.strategy.eps <= 0 or self.strategy.lora_fair_lambda < 0:
             raise ConfigError("strategy: seeds must be >= 1, eps > 0 and lora_fair_lambda >= 0")
+        density = self.strategy.compeft_density
+        if density is not None and (not 0.0 < density <= 1.0 or self.strategy.name == "fedkseed"):
+            raise ConfigError(f"strategy.compeft_density: expected 0 < density <= 1 (not with fedkseed, whose update "
+                              f"is already K scalars), got {density}")
         if self.max_update_bytes is not None and self.max_update_bytes < 1:
             raise ConfigError(f"max_update_bytes: expected a positive integer or null, got {self.max_update_bytes}")
         if self.round_timeout <= 0:

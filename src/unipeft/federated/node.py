@@ -1,8 +1,10 @@
 """One federation member's model: the run's base model with its adapter, the data parts, local training.
 
 Server and clients build the same `Node` from the same run config, so the adapter starts identical on all
-of them (theta_0, from the run's seed). A process keeps one Node per run config (`node_for`): a Flower
-simulation actor or SuperNode that serves many rounds and partitions loads the model once.
+of them (theta_0, from the run's seed). A process keeps one Node per run config (`node_for`): a simulation
+actor that serves many rounds and partitions loads the model once. (On the deployment engine every message
+starts a fresh `flwr-clientapp` process, so there a client builds its Node every round: allow for that in
+`round_timeout`.)
 """
 from __future__ import annotations
 
@@ -97,6 +99,7 @@ class Node:
         `kseed` ({seeds, eps, run_seed}) makes it a FedKSeed client (forward-only steps over the seed pool)."""
         from ..train.trainer import LoopState, Trainer
         run = self.run
+        torch.manual_seed(seed)  # dropout masks etc. depend on (round, partition) only: a rerun is identical
         if kseed is not None:
             opt = build_kseed(self.model, run.optimizer.lr * lr_scale, kseed["eps"],
                               candidate_seeds(kseed["seeds"], kseed["run_seed"]), choice_seed=seed)

@@ -41,8 +41,10 @@ def unpack(record) -> dict[str, torch.Tensor]:
         raise ValueError(f"not a safetensors payload: {err}") from None
 
 
-def check_update(record, reference: dict[str, torch.Tensor], max_bytes: int) -> tuple[dict | None, str | None]:
-    """(tensors, None) for an acceptable client update, else (None, the reason it is rejected)."""
+def check_update(record, reference: dict[str, torch.Tensor], max_bytes: int,
+                 decode=None) -> tuple[dict | None, str | None]:
+    """(tensors, None) for an acceptable client update, else (None, the reason it is rejected).
+    `decode(tensors, reference) -> (tensors, reason)` first turns an encoded update (compression.py) into tensors."""
     try:
         size = payload_bytes(record)
     except (KeyError, TypeError, ValueError) as err:
@@ -53,6 +55,10 @@ def check_update(record, reference: dict[str, torch.Tensor], max_bytes: int) -> 
         tensors = unpack(record)
     except ValueError as err:
         return None, f"malformed payload: {err}"
+    if decode is not None:
+        tensors, reason = decode(tensors, reference)
+        if reason is not None:
+            return None, reason
     unknown = sorted(set(tensors) - set(reference))
     if unknown:
         return None, f"unknown keys: {unknown[:3]}{' ...' if len(unknown) > 3 else ''} ({len(unknown)})"

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..train.optim import lr_factor, warmup_steps
+from . import compression
 from .aggregate import fedavg, fedavg_exact, lora_fair, naive_gap
 from .checkpoint import latest_round, save_round
 from .client import kseed_options
@@ -54,6 +55,7 @@ class AdapterStrategy(_fedavg_base()):
         super().__init__(fraction_train=fed.fraction, fraction_evaluate=0.0, min_train_nodes=fed.min_clients,
                          min_available_nodes=fed.min_clients)
         self.fed, self.node, self.log = fed, node, log
+        node.load(node.initial)  # a node this process used before (an earlier run) starts again from theta_0
         self.global_state = node.state()
         self.coefficients = torch.zeros(fed.strategy.seeds, dtype=torch.float64)
 
@@ -98,7 +100,8 @@ class AdapterStrategy(_fedavg_base()):
             if not np.isfinite(c).all():
                 return "non-finite values in coefficients"
             return pid, weight, torch.from_numpy(c.astype(np.float64)), int(c.nbytes)
-        tensors, reason = check_update(record, self.global_state, cap)
+        decode = compression.decode if self.fed.strategy.compeft_density is not None else None
+        tensors, reason = check_update(record, self.global_state, cap, decode)
         if reason is not None:
             return reason
         return pid, weight, full_state(tensors, self.global_state), payload_bytes(record)
