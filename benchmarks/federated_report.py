@@ -74,12 +74,15 @@ def markdown(res: dict) -> str:
              f"reused, {res['seconds']:.0f} s.", "",
              "| strategy | partition | lr | test (mean ± se) | up KB/client/round | down KB | rounds to 95% (per seed) "
              "| s/run |", "|---|---|---|---|---|---|---|---|"]
+    grids = res["grids"]
     for name, e in t.items():
         strategy, part = name.split("/")
+        g = grids["fedkseed" if strategy == "fedkseed" else "centralised" if strategy == "centralised" else "lora"]
+        edge = " (grid edge)" if e["lr"] in (min(g), max(g)) else ""
         up = f"{e['up_bytes'] / 1024:.1f}" if "up_bytes" in e else "-"
         down = f"{e['down_bytes'] / 1024:.1f}" if "down_bytes" in e else "-"
         reach = ", ".join("-" if x is None else str(x) for x in e.get("rounds_to_95", [])) or "-"
-        lines.append(f"| {strategy} | {part} | {e['lr']:g} | {e['test_mean']:.3f} ± {e['test_se']:.3f} | {up} | "
+        lines.append(f"| {strategy} | {part} | {e['lr']:g}{edge} | {e['test_mean']:.3f} ± {e['test_se']:.3f} | {up} | "
                      f"{down} | {reach} | {e['seconds']:.0f} |")
     lines += ["", "'-' in rounds to 95%: not reached within the rounds run.", "", "## Claims", "",
               "| claim | value | band (mean ± 2 se) | seeds | verdict |", "|---|---|---|---|---|"]

@@ -39,3 +39,10 @@ def test_file_and_overrides(tmp_path):
 def test_bad_fields_are_named(data, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         federated_config_from_dict({"train": RUN, **data})
+
+
+def test_local_epochs_win_over_steps_and_are_checked():
+    fed = federated_config_from_dict({"train": RUN, "local_epochs": 0.5, "rounds": 4})
+    assert fed.schedule_unit == 1 and fed.local_epochs == 0.5
+    with pytest.raises(ConfigError, match="local_epochs"):
+        federated_config_from_dict({"train": RUN, "local_epochs": 0})

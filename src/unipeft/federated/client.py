@@ -54,8 +54,10 @@ def local_round(fed: FederatedConfig, node: Node, pid: int, content) -> tuple[ob
     if run.batch_size > len(data):  # a tiny non-IID part: one batch of everything it has
         node.run = dataclasses.replace(run, batch_size=len(data))
     try:
-        loop = loop_position(data, node.run.batch_size, node.run.seed, (rnd - 1) * fed.local_steps,
-                             node.run.data.group_by_length)
+        group = node.run.data.group_by_length
+        per_epoch = len(epoch_batches(data.lengths, node.run.batch_size, node.run.seed, 0, group))
+        steps = fed.local_steps if fed.local_epochs is None else max(1, round(fed.local_epochs * per_epoch))
+        loop = loop_position(data, node.run.batch_size, node.run.seed, (rnd - 1) * steps, group)
         seed = direction_seed(run.seed, rnd, 2, pid)
         if fed.strategy.name == "fedkseed":
             if str(config.get("theta0", "")) != fingerprint(node.initial):
@@ -63,13 +65,13 @@ def local_round(fed: FederatedConfig, node: Node, pid: int, content) -> tuple[ob
                                   "every node must build the run with the same seed and model")
             kseed = kseed_options(fed)
             node.replay(torch.from_numpy(content["arrays"]["coefficients"].numpy().astype(np.float64)), kseed)
-            result = node.train_local(data, fed.local_steps, lr_scale, loop, seed, kseed)
+            result = node.train_local(data, steps, lr_scale, loop, seed, kseed)
             from flwr.app import Array, ArrayRecord
             reply = ArrayRecord({"coefficients": Array(result.coefficients.to(torch.float32).numpy())})
         else:
             start = unpack(content["arrays"])
             node.load(start)
-            result = node.train_local(data, fed.local_steps, lr_scale, loop, seed)
+            result = node.train_local(data, steps, lr_scale, loop, seed)
             update = changed(result.state, start)
             density = fed.strategy.compeft_density
             reply = pack(update if density is None else compression.encode(update, start, density))

@@ -6,6 +6,7 @@
     fraction: 1.0                        # share of clients sampled per round (Flower's fraction_train)
     min_clients: 2                       # Flower's min_train_nodes / min_available_nodes
     local_steps: 3                       # optimizer steps per client per round (batch_size of the run)
+    local_epochs: null                   # or: passes over its own part per round (wins over local_steps)
     strategy: {name: fedavg}             # fedavg | fedavg_exact | ffa_lora | lora_fair | fedkseed
     partition: {kind: dirichlet, alpha: 1.0, seed: 0}
     output_dir: runs/federated           # per-round checkpoints (round-0003/adapter) and history.json
@@ -56,6 +57,7 @@ class FederatedConfig:
     fraction: float = 1.0
     min_clients: int = 2
     local_steps: int = 3
+    local_epochs: float | None = None  # passes of each client over its part per round; wins over local_steps
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     max_update_bytes: int | None = None  # reject larger client payloads (None: 4x the global adapter)
@@ -69,6 +71,8 @@ class FederatedConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{key}: expected a positive integer, got {value!r}")
+        if self.local_epochs is not None and not self.local_epochs > 0:
+            raise ConfigError(f"local_epochs: expected a positive number or null, got {self.local_epochs}")
         if not 0.0 < self.fraction <= 1.0:
             raise ConfigError(f"fraction: expected 0 < fraction <= 1, got {self.fraction}")
         if self.min_clients > self.clients:
@@ -86,6 +90,11 @@ class FederatedConfig:
         if self.round_timeout <= 0:
             raise ConfigError(f"round_timeout: expected a positive number of seconds, got {self.round_timeout}")
         self._run = self._build_run()
+
+    @property
+    def schedule_unit(self) -> int:
+        """Steps per round on the lr schedule's clock (one per round when clients run whole epochs)."""
+        return self.local_steps if self.local_epochs is None else 1
 
     @property
     def run(self) -> RunConfig:

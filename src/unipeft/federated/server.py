@@ -172,14 +172,14 @@ def run_server(grid, fed: FederatedConfig, log: Callable[[str], None] = print, p
         log(f"resuming after round {rnd} from {fed.output_dir}")
     else:
         history.append({"round": 0, **_evaluate(node)})
-    total = fed.rounds * fed.local_steps
+    total = fed.rounds * fed.schedule_unit
     warm = warmup_steps(fed.run.schedule, total)
     theta0 = fingerprint(node.initial)
     bar = tqdm(total=fed.rounds, initial=start_round - 1, desc="rounds", disable=not progress)
     for rnd in range(start_round, fed.rounds + 1):
         t0 = time.perf_counter()
         down = strategy.downlink()
-        config = ConfigRecord({"lr-scale": lr_factor(fed.run.schedule.name, (rnd - 1) * fed.local_steps, warm,
+        config = ConfigRecord({"lr-scale": lr_factor(fed.run.schedule.name, (rnd - 1) * fed.schedule_unit, warm,
                                                      total), "theta0": theta0})
         messages = strategy.configure_train(rnd, down, config, grid)
         replies = grid.send_and_receive(messages, timeout=fed.round_timeout)
