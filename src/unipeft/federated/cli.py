@@ -20,28 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--key value pairs, e.g. --rounds 3 --strategy.name ffa_lora --train.optimizer.lr 3e-3")
 
 
-def split_flags(args: argparse.Namespace) -> list[str]:
-    """Pull --quiet/--verbose/--parallel N out of the overrides (they may follow CONFIG)."""
-    rest, tokens = [], list(args.overrides)
-    while tokens:
-        tok = tokens.pop(0)
-        if tok in ("--quiet", "--verbose"):
-            setattr(args, tok[2:], True)
-        elif tok.startswith("--parallel"):
-            value = tok.partition("=")[2] or (tokens.pop(0) if tokens else "")
-            if not value.isdigit() or int(value) < 1:
-                raise ValueError(f"--parallel: expected a positive integer, got {value!r}")
-            args.parallel = int(value)
-        else:
-            rest.append(tok)
-    return rest
-
-
 def run(args: argparse.Namespace) -> int:
+    from ..cli_args import pull_flags
     from .config import load_federated_config
     from .simulate import run_federated
 
-    fed = load_federated_config(args.config, split_flags(args))
+    fed = load_federated_config(args.config, pull_flags(args, ("--quiet", "--verbose"), {"--parallel": int}))
     summary = run_federated(fed, args.parallel, progress=not args.quiet, verbose=args.verbose)
     final = summary["final"]
     shown = {k: v for k, v in final.items() if k.startswith(("valid_", "test_")) or k in ("round", "up_bytes")}
