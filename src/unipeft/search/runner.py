@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -71,16 +72,27 @@ def build_sampler(plan: SearchPlan):
     return samplers.RandomSampler(seed=seed)
 
 
-def counted(study) -> int:
-    """Trials that use up the budget: finished, pruned, failed on their own error, or running."""
+def counted(study, before: int | None = None) -> int:
+    """Trials that use up the budget: finished, pruned, failed on their own error, or running (only those
+    numbered below `before` when given)."""
     from optuna.trial import TrialState
     n = 0
     for t in study.get_trials(deepcopy=False):
+        if before is not None and t.number >= before:
+            continue
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
             n += 1
         elif t.state == TrialState.FAIL and "error" in t.user_attrs:
             n += 1
     return n
+
+
+class Surplus(Exception):
+    """A trial asked for after the budget was spent by lower-numbered trials of other workers.
+
+    Workers check the budget between trials, so two of them can each ask for a last trial at once; trial
+    numbers are assigned in order by the storage, so the later one sees the budget spent and ends FAIL
+    without an `error` attribute, which the budget does not count."""
 
 
 def objective(plan: SearchPlan, study, threads: int | None):
@@ -92,6 +104,13 @@ def objective(plan: SearchPlan, study, threads: int | None):
 
     def run(trial):
         out = Path(s.output_dir) / f"trial-{trial.number:04d}"
+        if counted(study, before=trial.number) >= s.trials:
+            trial.set_user_attr("surplus", f"budget of {s.trials} spent by lower-numbered trials")
+            study.stop()
+            raise Surplus(f"trial {trial.number}: the budget of {s.trials} trials is spent")
+        trial.set_user_attr("pid", os.getpid())  # which worker ran it
+        if trial.user_attrs.get("intermediate"):  # a retry inherits the killed trial's attributes
+            trial.set_user_attr("intermediate", {})
         try:
             method, overrides = plan.space.sample(trial)
             if threads is not None and "threads" not in plan.run:
@@ -119,11 +138,12 @@ def objective(plan: SearchPlan, study, threads: int | None):
 
 def work(plan: SearchPlan, study, threads: int | None, on_trial: Callable[[Any, Any], None] | None = None) -> None:
     """Run trials with `study.optimize` (which keeps the heartbeat) until the study's budget is used up;
-    shared by every worker on the study."""
+    shared by every worker on the study. Returns when no trial is left to run or running, so a trial of a
+    killed search is retried (after its grace period) before the budget counts as spent."""
     import optuna
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
     budget = plan.search.trials
-    if counted(study) >= budget:
-        return
 
     def stop_when_spent(study, trial):
         if on_trial is not None:
@@ -133,8 +153,17 @@ def work(plan: SearchPlan, study, threads: int | None, on_trial: Callable[[Any, 
     level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        study.optimize(objective(plan, study, threads), n_trials=budget - counted(study), catch=(Exception,),
-                       callbacks=[stop_when_spent], gc_after_trial=True)
+        while True:
+            # A killed process's trial stops beating: failed (not counted) and enqueued again after 3 beats.
+            fail_stale_trials(study)
+            left = budget - counted(study)
+            if left > 0:
+                study.optimize(objective(plan, study, threads), n_trials=left, catch=(Exception,),
+                               callbacks=[stop_when_spent], gc_after_trial=True)
+            elif study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                time.sleep(plan.search.heartbeat)  # another worker's trial, or a killed one not yet stale
+            else:
+                break
     finally:
         optuna.logging.set_verbosity(level)
 
