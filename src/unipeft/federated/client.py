@@ -36,10 +36,9 @@ def partition_of(context, fed: FederatedConfig) -> int:
     return pid
 
 
-def loop_position(data, batch_size: int, seed: int, steps_before: int, group: bool) -> dict[str, int]:
-    """Where the client's pass over its data stands after `steps_before` steps (a pure function of the round,
-    so a restarted server or a re-scheduled client continues the same pass)."""
-    per_epoch = len(epoch_batches(data.lengths, batch_size, seed, 0, group))
+def loop_position(per_epoch: int, steps_before: int) -> dict[str, int]:
+    """Where the client's pass over its data stands after `steps_before` steps of `per_epoch` batches each (a
+    pure function of the round, so a restarted server or a re-scheduled client continues the same pass)."""
     return {"epoch": steps_before // per_epoch, "batch_in_epoch": steps_before % per_epoch}
 
 
@@ -57,7 +56,7 @@ def local_round(fed: FederatedConfig, node: Node, pid: int, content) -> tuple[ob
         group = node.run.data.group_by_length
         per_epoch = len(epoch_batches(data.lengths, node.run.batch_size, node.run.seed, 0, group))
         steps = fed.local_steps if fed.local_epochs is None else max(1, round(fed.local_epochs * per_epoch))
-        loop = loop_position(data, node.run.batch_size, node.run.seed, (rnd - 1) * steps, group)
+        loop = loop_position(per_epoch, (rnd - 1) * steps)
         seed = direction_seed(run.seed, rnd, 2, pid)
         if fed.strategy.name == "fedkseed":
             if str(config.get("theta0", "")) != fingerprint(node.initial):

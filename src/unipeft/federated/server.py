@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from flwr.serverapp.strategy import FedAvg
 
 from ..train.optim import lr_factor, warmup_steps
 from . import compression
@@ -43,12 +44,7 @@ class RoundOutcome:
     info: dict[str, float] = field(default_factory=dict)
 
 
-def _fedavg_base():
-    from flwr.serverapp.strategy import FedAvg
-    return FedAvg
-
-
-class AdapterStrategy(_fedavg_base()):
+class AdapterStrategy(FedAvg):
     """Flower's FedAvg sampling with unipeft's checked adapter aggregation (`aggregate` replaces averaging)."""
 
     def __init__(self, fed: FederatedConfig, node: Node, log: Callable[[str], None]) -> None:

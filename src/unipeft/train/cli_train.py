@@ -19,13 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def split_flags(args: argparse.Namespace) -> list[str]:
     """Pull --resume/--overwrite/--quiet out of the overrides (they may follow CONFIG)."""
-    rest = []
-    for tok in args.overrides:
-        if tok in FLAGS:
-            setattr(args, FLAGS[tok], True)
-        else:
-            rest.append(tok)
-    return rest
+    from ..cli_args import pull_flags
+    return pull_flags(args, tuple(FLAGS))
 
 
 def run(args: argparse.Namespace) -> int:
