@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract-lora": ("unipeft.compress.cli_extract", "a LoRA adapter (PEFT format) from a full fine-tune, by SVD"),
     "serve": ("unipeft.serve.cli", "serve a base model and its adapters over an OpenAI-compatible HTTP API"),
     "federated": ("unipeft.federated.cli", "federated training of an adapter on Flower (FedAvg, FFA-LoRA, LoRA-FAIR, ...)"),
+    "compare": ("unipeft.compare.cli", "which method for this task: every method, lr picked on validation, tested with references"),
     "search": ("unipeft.search.cli", "multi-objective configuration search on Optuna (Pareto front of accuracy vs size)"),
     "kg": ("unipeft.kg.cli", "complex query answering over knowledge graphs (CQD, CQD^A) on UMLS/Kinships/Nations"),
 }

@@ -97,6 +97,8 @@ def test_two_workers_share_one_study_and_its_budget(tmp_path):
     # a surplus trial (two workers asking for the last trial at once) fails without `error`: not counted
     extra = [t for t in study.trials if t.state.name != "COMPLETE"]
     assert len(extra) <= 1 and all(t.state.name == "FAIL" and "surplus" in t.user_attrs for t in extra)
+    from unipeft.search.report import trial_rows
+    assert sorted(r["state"] for r in trial_rows(study)) == ["COMPLETE"] * 8 + ["SURPLUS"] * len(extra)
     pids = {t.user_attrs["pid"] for t in ran}
     assert len(pids) == 2 and proc.pid in pids  # the command's own process and the worker it started
     by = {p: [(t.datetime_start, t.datetime_complete) for t in ran if t.user_attrs["pid"] == p] for p in pids}

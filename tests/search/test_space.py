@@ -75,7 +75,7 @@ def test_space_samples_conditional_families(tmp_path):
 BAD = [
     ({"space": {}}, "search.space: empty"),
     ({"space": {"optimizer.lr": 0.01, "method": {"lora": {"r": 4}}}}, "search.space: every dimension is fixed"),
-    ({"space": {"method": {"lorra": {"r": [2, 4]}}}}, "search.space.method: method.name: unknown method 'lorra'"),
+    ({"space": {"method": {"lorra": {"r": [2, 4]}}}}, "search.space.method.lorra: unknown method 'lorra'"),
     ({"space": {"method": {"lora": {"rank": [2, 4]}}}}, "search.space.method.lora.rank: lora has no field 'rank'"),
     ({"space": {"method": {"lora": {"r": []}}}}, "search.space.lora.r: an empty list of choices"),
     ({"space": {"optimizer.lr": {"low": 0.1, "high": 0.01}}}, "search.space.optimizer.lr: low 0.1 is above high 0.01"),
@@ -114,5 +114,9 @@ def test_unopenable_storage_names_the_flag(tmp_path, capsys):
 def test_show_of_a_missing_study_runs_nothing(tmp_path, capsys):
     path = write_config(tmp_path, {"trials": 2, "space": {"optimizer.lr": [0.01, 0.1]}})
     assert main(["search", str(path), "--show", "--study", "absent"]) == 2
+    assert "--show: no study database" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # --show creates no empty study.db
+    url = f"sqlite:///{tmp_path / 'other.db'}"
+    assert main(["search", str(path), "--show", "--study", "absent", "--storage", url]) == 2
     assert "--study: no study 'absent'" in capsys.readouterr().err
     assert not list((tmp_path / "out").glob("trial-*"))

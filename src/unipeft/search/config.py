@@ -3,7 +3,7 @@
     search:
       trials: 20
       objectives: [valid_accuracy, trainable_params]   # valid_<metric>, trainable_params, step_seconds
-      sampler: nsga2                                   # nsga2 | motpe | tpe | gp | random
+      sampler: nsga2                                   # nsga2 | motpe | tpe | gp | random | grid
       seed: 0
       budget: {max_steps: 100, eval_every: 25}         # run-config keys every trial sets
       pruner: {name: median, warmup_steps: 25, startup_trials: 3}   # none | median | percentile
@@ -22,7 +22,7 @@ from ..train.config import RunConfig, apply_overrides, config_from_dict, parse_o
 from ..train.schema import from_dict, parse_yaml
 from .space import Space, parse_space
 
-SAMPLERS = ("nsga2", "motpe", "tpe", "gp", "random")
+SAMPLERS = ("nsga2", "motpe", "tpe", "gp", "random", "grid")
 PRUNERS = ("none", "median", "percentile")
 METRICS = {"classification": ("accuracy", "loss", "macro_f1"), "causal_lm": ("token_accuracy", "loss", "perplexity")}
 MINIMISED = ("loss", "perplexity", "trainable_params", "step_seconds")
@@ -75,7 +75,14 @@ class SearchConfig:
         for key in self.budget:
             if key.split(".")[0] not in sections:
                 raise ConfigError(f"search.budget.{key}: not a run-config key")
-        return parse_space(self.space, sections)
+        space = parse_space(self.space, sections)
+        if self.sampler == "grid":
+            points = 1
+            for choices in space.grid().values():
+                points *= len(choices)
+            if self.trials > points:
+                raise ConfigError(f"search.trials: {self.trials} trials but the grid has {points} points")
+        return space
 
     def directions(self) -> list[str]:
         return ["minimize" if any(n.endswith(m) for m in MINIMISED) else "maximize" for n in self.objectives]

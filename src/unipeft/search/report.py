@@ -14,7 +14,9 @@ def trial_rows(study) -> list[dict[str, Any]]:
     names = study.user_attrs.get("objectives") or [f"objective_{i}" for i in range(len(study.directions))]
     rows = []
     for t in study.get_trials(deepcopy=False):
-        row = {"trial": t.number, "state": t.state.name, "params": dict(t.params),
+        # a trial started after the budget was spent (workers racing) is failed by the runner: not an error
+        state = "SURPLUS" if "surplus" in t.user_attrs else t.state.name
+        row = {"trial": t.number, "state": state, "params": dict(t.params),
                "trainable_params": t.user_attrs.get("trainable_params")}
         if t.values is not None:
             row.update(dict(zip(names, t.values)))

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from ..core.errors import ConfigError
 from .config import SearchPlan
+from .memory import peak_mib, reset_peak
 from .pruning import PruningCallback, build_pruner, objective_values
 
 
@@ -36,6 +37,9 @@ def open_study(plan: SearchPlan, storage: str | None, name: str | None, create: 
 
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    if not create and not storage and not (Path(plan.search.output_dir) / "study.db").is_file():
+        raise ConfigError(f"--show: no study database {Path(plan.search.output_dir) / 'study.db'} (run the search "
+                          f"first, or give --storage)")
     url = storage_url(plan, storage)
     hb = plan.search.heartbeat
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat, retry
@@ -69,6 +73,8 @@ def build_sampler(plan: SearchPlan):
             2, plan.search.trials // 4)))
     if s == "gp":
         return samplers.GPSampler(seed=seed, n_startup_trials=min(10, max(2, plan.search.trials // 4)))
+    if s == "grid":
+        return samplers.GridSampler(plan.space.grid(), seed=seed)
     return samplers.RandomSampler(seed=seed)
 
 
@@ -122,7 +128,9 @@ def objective(plan: SearchPlan, study, threads: int | None):
                 direction = s.directions()[s.objectives.index(s.quality)]
                 callbacks.append(PruningCallback(study, trial, s.quality[len("valid_"):], direction,
                                                  build_pruner(s.pruner)))
+            baseline = reset_peak()
             summary = train_run(cfg, overwrite=True, show_progress=False, callbacks=callbacks, log=lambda *_: None)
+            trial.set_user_attr("peak_mib", peak_mib(baseline))
             values = objective_values(s.objectives, summary)
         except optuna.TrialPruned as why:
             trial.set_user_attr("pruned_at", str(why))
@@ -169,16 +177,21 @@ def work(plan: SearchPlan, study, threads: int | None, on_trial: Callable[[Any, 
 
 
 def run_search(plan: SearchPlan, config_path: str, storage: str | None = None, study_name: str | None = None,
-               workers: int = 1, overrides: list[str] | None = None, progress: bool = True) -> Any:
-    """The whole search: this process and `workers - 1` more on the same study; returns the study."""
+               workers: int = 1, overrides: list[str] | None = None, progress: bool = True,
+               worker_cmd: list[str] | None = None) -> Any:
+    """The whole search: this process and `workers - 1` more on the same study; returns the study.
+    `worker_cmd`: the `unipeft` arguments that start one more worker (default: `search CONFIG --worker`),
+    completed with --storage and --study."""
     from tqdm.auto import tqdm
     if workers < 1:
         raise ConfigError(f"--workers: expected a positive integer, got {workers}")
     study = open_study(plan, storage, study_name)
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
     children = []
-    cmd = [sys.executable, "-m", "unipeft", "search", config_path, "--storage", storage_url(plan, storage),
-           "--study", study.study_name, "--workers", "1", "--worker", *(overrides or [])]
+    if worker_cmd is None:
+        worker_cmd = ["search", config_path, "--workers", "1", "--worker", *(overrides or [])]
+    cmd = [sys.executable, "-m", "unipeft", *worker_cmd, "--storage", storage_url(plan, storage),
+           "--study", study.study_name]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if threads is not None:
         env["UNIPEFT_SEARCH_THREADS"] = str(threads)

@@ -90,6 +90,23 @@ class Space:
                 method[p.name.split(".", 1)[1]] = p.suggest(trial)
         return method, [(p.name, p.suggest(trial)) for p in self.keys]
 
+    def grid(self) -> dict[str, list[Any]]:
+        """{Optuna parameter: its choices} for Optuna's GridSampler: every point of a space of lists and
+        fixed values (a family's fields are conditional parameters, which a grid cannot hold)."""
+        grid: dict[str, list[Any]] = {}
+        if len(self.families) > 1:
+            grid["method"] = list(self.families)
+        for p in [*(q for ps in self.families.values() for q in ps), *self.keys]:
+            if p.is_fixed:
+                continue
+            if p.choices is None:
+                raise ConfigError(f"search.space.{p.name}: sampler grid needs a list of choices, not a range")
+            if len(self.families) > 1 and "." in p.name and p.name.split(".", 1)[0] in self.families:
+                raise ConfigError(f"search.space.{p.name}: sampler grid cannot search a family's fields "
+                                  f"when several families are searched (they are conditional)")
+            grid[p.name] = [json.dumps(c) if isinstance(c, (list, dict)) else c for c in p.choices]
+        return grid
+
     def size(self) -> int:
         """How many free dimensions the space has (0: nothing to search)."""
         free = sum(not p.is_fixed for ps in self.families.values() for p in ps)
@@ -112,7 +129,7 @@ def parse_space(spec: Any, run_sections: list[str]) -> Space:
         try:
             known = method_fields(family)
         except ConfigError as err:
-            raise ConfigError(f"search.space.method: {err}") from None
+            raise ConfigError(f"search.space.method.{family}: {str(err).removeprefix('method.name: ')}") from None
         if not isinstance(fields, dict):
             raise ConfigError(f"search.space.method.{family}: expected a mapping of its fields")
         for f in fields:
