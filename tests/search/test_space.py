@@ -85,7 +85,7 @@ BAD = [
     ({"objectives": ["valid_bleu", "trainable_params"]},
      "search.objectives: 'valid_bleu' is never reported for task classification"),
     ({"sampler": "tpe"}, "search.sampler: tpe is single-objective"),
-    ({"sampler": "annealing"}, "search.sampler: expected one of nsga2, motpe, tpe, gp, random, got 'annealing'"),
+    ({"sampler": "annealing"}, "search.sampler: expected one of nsga2, motpe, tpe, gp, random, grid, got 'annealing'"),
     ({"pruner": {"name": "hyperband"}}, "search.pruner.name: expected one of none, median, percentile"),
 ]
 
@@ -120,3 +120,19 @@ def test_show_of_a_missing_study_runs_nothing(tmp_path, capsys):
     assert main(["search", str(path), "--show", "--study", "absent", "--storage", url]) == 2
     assert "--study: no study 'absent'" in capsys.readouterr().err
     assert not list((tmp_path / "out").glob("trial-*"))
+
+
+def test_grid_sampler_needs_lists_and_a_budget_within_the_grid(tmp_path, capsys):
+    from unipeft.search.config import load_search
+    path = write_config(tmp_path, {"trials": 4, "sampler": "grid", "space": {"optimizer.lr": [0.01, 0.1],
+                                                                               "seed": [0, 1]}})
+    plan = load_search(path)
+    assert plan.space.grid() == {"optimizer.lr": [0.01, 0.1], "seed": [0, 1]}
+    path = write_config(tmp_path, {"trials": 5, "sampler": "grid", "space": {"optimizer.lr": [0.01, 0.1],
+                                                                               "seed": [0, 1]}})
+    assert main(["search", str(path), "--quiet"]) == 2
+    assert "search.trials: 5 trials but the grid has 4 points" in capsys.readouterr().err
+    path = write_config(tmp_path, {"trials": 2, "sampler": "grid", "space": {"optimizer.lr": {"low": 0.01, "high": 0.1}}})
+    assert main(["search", str(path), "--quiet"]) == 2
+    assert "search.space.optimizer.lr: sampler grid needs a list of choices" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
