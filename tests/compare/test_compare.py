@@ -98,3 +98,13 @@ def test_compare_picks_on_validation_reports_test_and_resumes(tmp_path, capsys):
     assert _compare(path, out, "lora,full") == 2
     assert "--output:" in capsys.readouterr().err
     assert json.loads((out / "compare.json").read_text())["methods"] == summary["methods"]
+
+
+def test_rows_that_need_targets_take_the_configs_and_the_others_keep_their_defaults():
+    from unipeft.compare.plan import inherited_targets
+    section = {"name": "lora", "r": 8, "target_modules": ["query", "value"]}
+    assert [(p.name, p.fixed) for p in inherited_targets("vera", section)] == [("vera.target_modules", ["query", "value"])]
+    assert [(p.name, p.fixed) for p in inherited_targets("ia3", section)] == [("ia3.target_modules", ["query", "value"])]
+    for own in ("lora", "bitfit", "ln_tuning", "prompt_tuning", "full"):
+        assert inherited_targets(own, section) == []
+    assert inherited_targets("vera", {"name": "lora"}) == []

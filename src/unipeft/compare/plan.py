@@ -95,12 +95,18 @@ def load_compare(config: str | Path, methods: list[str], grid: dict[str, list[An
 
 
 def inherited_targets(name: str, section: Any) -> list[Param]:
-    """A method with a `target_modules` field takes the config method's target_modules (a fixed field), so
-    every row adapts the same modules; the config's own method keeps its whole section."""
-    from ..train.config import method_fields
+    """A method that needs `target_modules` (no default targets of its own) takes the config method's, so
+    those rows adapt the same modules; methods with their own defaults (biases, norms, embeddings) keep
+    them, and the config's own method keeps its whole section."""
+    import dataclasses
+
+    from ..core.registry import public_methods
     section = {"name": section} if isinstance(section, str) else dict(section or {})
-    targets = section.get("target_modules")
-    if name == section.get("name") or targets is None or "target_modules" not in method_fields(name):
+    targets, spec = section.get("target_modules"), public_methods().get(name)
+    if name == section.get("name") or targets is None or spec is None or spec.default_targets is not None:
+        return []
+    fields = {f.name: f for f in dataclasses.fields(spec.config_cls)}
+    if "target_modules" not in fields or fields["target_modules"].default is not None:
         return []
     return [Param(f"{name}.target_modules", fixed=targets, is_fixed=True)]
 
