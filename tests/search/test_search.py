@@ -142,3 +142,18 @@ def test_a_failing_trial_is_recorded_and_counted(tmp_path, capsys):
     assert f"{len(failed)} fail" in md and "rank must be a positive integer, got 0" in md
     payload = json.loads((tmp_path / "out" / "pareto.json").read_text())
     assert not set(payload["front"]) & {t.number for t in failed}
+
+
+def test_grid_search_over_every_point_with_peak_memory_as_an_objective(tmp_path):
+    path = write_config(tmp_path, {"trials": 4, "sampler": "grid", "pruner": "none", "budget": BUDGET,
+                                   "objectives": ["valid_accuracy", "peak_mib"],
+                                   "space": {"method": {"lora": {"r": [1, 8]}}, "optimizer.lr": [0.01, 0.03]}})
+    assert main(["search", str(path), "--quiet"]) == 0
+    study = load(tmp_path)
+    assert states(study) == {"COMPLETE": 4}
+    assert sorted((t.params["lora.r"], t.params["optimizer.lr"]) for t in study.trials) == [
+        (1, 0.01), (1, 0.03), (8, 0.01), (8, 0.03)]  # every grid point once
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    for t in study.trials:
+        # the process holds torch and the mlp: a resident peak of at least 50 MiB, as the trial recorded it
+        assert t.values[1] == t.user_attrs["peak_mib"] > 50

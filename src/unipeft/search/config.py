@@ -2,7 +2,7 @@
 
     search:
       trials: 20
-      objectives: [valid_accuracy, trainable_params]   # valid_<metric>, trainable_params, step_seconds
+      objectives: [valid_accuracy, trainable_params]   # valid_<metric>, trainable_params, step_seconds, peak_mib
       sampler: nsga2                                   # nsga2 | motpe | tpe | gp | random | grid
       seed: 0
       budget: {max_steps: 100, eval_every: 25}         # run-config keys every trial sets
@@ -25,7 +25,7 @@ from .space import Space, parse_space
 SAMPLERS = ("nsga2", "motpe", "tpe", "gp", "random", "grid")
 PRUNERS = ("none", "median", "percentile")
 METRICS = {"classification": ("accuracy", "loss", "macro_f1"), "causal_lm": ("token_accuracy", "loss", "perplexity")}
-MINIMISED = ("loss", "perplexity", "trainable_params", "step_seconds")
+MINIMISED = ("loss", "perplexity", "trainable_params", "step_seconds", "peak_mib")
 
 
 @dataclass
@@ -57,7 +57,7 @@ class SearchConfig:
             raise ConfigError(f"search.trials: expected a positive integer, got {self.trials}")
         if not self.objectives:
             raise ConfigError("search.objectives: empty; e.g. [valid_accuracy, trainable_params]")
-        known = [f"valid_{m}" for m in METRICS[task]] + ["trainable_params", "step_seconds"]
+        known = [f"valid_{m}" for m in METRICS[task]] + ["trainable_params", "step_seconds", "peak_mib"]
         for name in self.objectives:
             if name not in known:
                 raise ConfigError(f"search.objectives: {name!r} is never reported for task {task} "

@@ -73,6 +73,11 @@ def objective_values(names: list[str], summary: dict[str, Any]) -> list[float]:
     for name in names:
         if name == "trainable_params":
             out.append(float(summary["trainable_params"]))
+        elif name == "peak_mib":
+            if summary.get("peak_mib") is None:
+                raise KeyError("objective peak_mib: the peak resident memory cannot be measured here "
+                               "(needs Linux's /proc/self/clear_refs)")
+            out.append(float(summary["peak_mib"]))
         elif name == "step_seconds":
             out.append(float(summary["train_seconds"]) / max(1, int(summary["steps"])))
         else:

@@ -130,8 +130,9 @@ def objective(plan: SearchPlan, study, threads: int | None):
                                                  build_pruner(s.pruner)))
             baseline = reset_peak()
             summary = train_run(cfg, overwrite=True, show_progress=False, callbacks=callbacks, log=lambda *_: None)
-            trial.set_user_attr("peak_mib", peak_mib(baseline))
-            values = objective_values(s.objectives, summary)
+            peak = peak_mib(baseline)
+            trial.set_user_attr("peak_mib", peak)
+            values = objective_values(s.objectives, {**summary, "peak_mib": peak})
         except optuna.TrialPruned as why:
             trial.set_user_attr("pruned_at", str(why))
             raise
