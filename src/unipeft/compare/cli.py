@@ -46,7 +46,6 @@ def versions() -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     from ..cli_args import pull_flags
-    from ..search.config import METRICS
     from ..search.runner import run_search
     from .baseline import baseline_run
     from .plan import check_output, load_compare, parse_grid, parse_methods, study_name
@@ -75,8 +74,7 @@ def run(args: argparse.Namespace) -> int:
     # the workers rerun this command line, so they rebuild the same plan; --quiet children
     study = run_search(plan, args.config, None, study_name(plan), args.workers, None, not args.quiet,
                        worker_cmd=_worker_cmd(args, rest))
-    task = plan.search.objectives[0][len("valid_"):]
-    metric = task if task in METRICS["classification"] + METRICS["causal_lm"] else "accuracy"
+    metric = plan.search.objectives[0].removeprefix("valid_")  # the task's main metric (see load_compare)
     summary = write_report(run_rows(study, plan), baselines, metric, Path(plan.search.output_dir), versions())
     print(markdown(summary))
     print(f"wrote {plan.search.output_dir}/compare.md, compare.json, compare.png, runs/")
