@@ -9,7 +9,8 @@ from .core.errors import ConfigError
 def pull_flags(args: argparse.Namespace, switches: tuple[str, ...] = (), valued: dict[str, type] | None = None
                ) -> list[str]:
     """Set `--switch` (True) and `--name VALUE` / `--name=VALUE` attributes found in args.overrides; return the
-    remaining override tokens. A valued flag converts with its type and must be positive when it is an int."""
+    remaining override tokens. A valued flag converts with its type and must be positive when it is an int;
+    one typed `list` is repeatable and collects its values."""
     valued = valued or {}
     rest, tokens = [], list(args.overrides)
     while tokens:
@@ -17,6 +18,9 @@ def pull_flags(args: argparse.Namespace, switches: tuple[str, ...] = (), valued:
         name, eq, inline = tok.partition("=")
         if tok in switches:
             setattr(args, tok[2:].replace("-", "_"), True)
+        elif name in valued and valued[name] is list:  # a repeatable flag: its values are collected
+            attr = name[2:].replace("-", "_")
+            setattr(args, attr, [*(getattr(args, attr, None) or []), inline if eq else (tokens.pop(0) if tokens else "")])
         elif name in valued:
             value = inline if eq else (tokens.pop(0) if tokens else "")
             try:

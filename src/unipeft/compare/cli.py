@@ -51,13 +51,10 @@ def run(args: argparse.Namespace) -> int:
     from .plan import check_output, load_compare, parse_grid, parse_methods, study_name
     from .report import markdown, run_rows, write_report
 
-    rest, grid = _pull_grid(args.overrides, args.grid or [])
-    args.overrides = rest
-    args.grid = grid or None
     args.storage = args.study = None
     rest = pull_flags(args, ("--no-baseline", "--quiet", "--compare-worker"),
-                      {"--methods": str, "--seeds": int, "--output": str, "--workers": int, "--storage": str,
-                       "--study": str})
+                      {"--methods": str, "--seeds": int, "--grid": list, "--output": str, "--workers": int,
+                       "--storage": str, "--study": str})
     plan = load_compare(args.config, parse_methods(args.methods), parse_grid(args.grid or [DEFAULT_GRID]),
                         args.seeds, args.output, rest)
     if getattr(args, "compare_worker", False):  # one more process of --workers K
@@ -89,16 +86,3 @@ def _worker_cmd(args: argparse.Namespace, rest: list[str]) -> list[str]:
         cmd += ["--output", args.output]
     return cmd + ["--compare-worker", *rest]
 
-
-def _pull_grid(tokens: list[str], grid: list[str]) -> tuple[list[str], list[str]]:
-    """`--grid X` / `--grid=X` items after CONFIG (argparse leaves them in the overrides)."""
-    rest, grid, tokens = [], list(grid), list(tokens)
-    while tokens:
-        tok = tokens.pop(0)
-        if tok == "--grid":
-            grid.append(tokens.pop(0) if tokens else "")
-        elif tok.startswith("--grid="):
-            grid.append(tok[len("--grid="):])
-        else:
-            rest.append(tok)
-    return rest, grid
