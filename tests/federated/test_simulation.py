@@ -45,10 +45,11 @@ def test_bad_updates_are_rejected_and_late_clients_do_not_stall_the_round(tmp_pa
         elif pid == 4:
             raise RuntimeError("client 4 goes away mid-round")
         elif pid == 6 and rnd == 1:
-            time.sleep(45)  # longer than round_timeout: the round closes without it
+            time.sleep(100)  # longer than round_timeout: the round closes without it
         return pack(t), metrics
 
-    fed = _fed(tmp_path / "out", clients=7, rounds=2, round_timeout=25.0)
+    # the timeout leaves room for 6 clients on the one free actor of a loaded 2-core machine
+    fed = _fed(tmp_path / "out", clients=7, rounds=2, round_timeout=60.0)
     started = time.perf_counter()
     history = run_federated(fed, parallel=2, progress=False, corrupt=corrupt)["history"]
     first, second = history[1], history[2]
@@ -59,7 +60,7 @@ def test_bad_updates_are_rejected_and_late_clients_do_not_stall_the_round(tmp_pa
     assert reasons[2].startswith("unknown keys")
     assert reasons[3].startswith("oversized update")
     assert first["failures"] == 1 and 4 not in reasons and 6 not in reasons  # 4 failed, 6 never answered
-    assert first["seconds"] < 40
+    assert first["seconds"] < 85  # closed by the timeout, not by the silent client (100 s)
     # the global adapter after round 1 is client 5's, exactly as it trains alone from theta_0
     node = Node(fed.run)
     content = RecordDict({"arrays": pack(node.initial),
