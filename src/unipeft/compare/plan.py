@@ -85,10 +85,7 @@ def load_compare(config: str | Path, methods: list[str], grid: dict[str, list[An
     quality = f"valid_{METRICS[base.task][0]}"
     keys = [Param(k, choices=list(v)) for k, v in grid.items()] + [Param("seed", choices=list(range(seeds)))]
     space = Space({m: inherited_targets(m, data.get("method")) for m in methods}, keys)
-    points = len(methods) * seeds
-    for v in grid.values():
-        points *= len(v)
-    search = SearchConfig(trials=points, objectives=[quality, "trainable_params"], sampler="grid", seed=0,
+    search = SearchConfig(trials=space.points(), objectives=[quality, "trainable_params"], sampler="grid", seed=0,
                           output_dir=out)
     search.pruner.name = "none"
     return SearchPlan(data, search, space, str(path))

@@ -76,12 +76,8 @@ class SearchConfig:
             if key.split(".")[0] not in sections:
                 raise ConfigError(f"search.budget.{key}: not a run-config key")
         space = parse_space(self.space, sections)
-        if self.sampler == "grid":
-            points = 1
-            for choices in space.grid().values():
-                points *= len(choices)
-            if self.trials > points:
-                raise ConfigError(f"search.trials: {self.trials} trials but the grid has {points} points")
+        if self.sampler == "grid" and self.trials > space.points():
+            raise ConfigError(f"search.trials: {self.trials} trials but the grid has {space.points()} points")
         return space
 
     def directions(self) -> list[str]:

@@ -107,6 +107,13 @@ class Space:
             grid[p.name] = [json.dumps(c) if isinstance(c, (list, dict)) else c for c in p.choices]
         return grid
 
+    def points(self) -> int:
+        """How many points grid() has."""
+        n = 1
+        for choices in self.grid().values():
+            n *= len(choices)
+        return n
+
     def size(self) -> int:
         """How many free dimensions the space has (0: nothing to search)."""
         free = sum(not p.is_fixed for ps in self.families.values() for p in ps)
